@@ -1,0 +1,1 @@
+"""Platform core: spec, ROOT reading, specs and flattening, storage, auth, jobs, cluster."""

@@ -1,0 +1,372 @@
+"""The pipeline spec: one validated description of a whole ML pipeline.
+
+A spec is written as YAML or JSON with MLaaS4HEP's ``params.json`` key names
+(``nevts``, ``chunk_size``, ``epochs``, ``batch_size``, ``branch``, ``identifier``,
+``selected_branches``, ``exclude_branches``, ``redirector``, ``nan``, ``verbose``)
+plus the inputs (``files`` with labels), the model and the resources to train on.
+Unknown keys (MLaaS4HEP's ``hist`` and friends) are accepted with a warning.
+
+:func:`load_spec` reads a spec file; :func:`spec_from_mlaas4hep_inputs` builds one
+from MLaaS4HEP's original ``files.txt``/``labels.txt``/``params.json``/``model.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Model names become storage paths and URL segments.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file, field or branch at fault."""
+
+
+def _split_names(value: Any) -> list[str]:
+    """Accept a list, a comma-separated string, or the path of a file with one name a line."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        path = Path(value)
+        if "," not in value and path.suffix in {".txt", ".list"} and path.is_file():
+            lines = path.read_text().splitlines()
+            return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, list | tuple):
+        return [str(item).strip() for item in value if str(item).strip()]
+    raise TypeError("expected a list of names, a comma-separated string or a file path")
+
+
+class InputFile(BaseModel):
+    """One ROOT file and, unless the spec takes labels from a branch, its class label."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Local path, root:// URL, logical /store/... name or fsspec URL")
+    label: int | None = Field(default=None, description="Class label of every event in the file")
+
+
+class MLPSpec(BaseModel):
+    """A declarative multilayer perceptron: no model file needed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] = Field(default=[64, 32], min_length=1)
+    activation: str = "relu"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    optimizer: Literal["adam", "sgd", "rmsprop", "adamw"] = "adam"
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+
+    @field_validator("layers")
+    @classmethod
+    def _positive_layers(cls, layers: list[int]) -> list[int]:
+        if any(size < 1 for size in layers):
+            raise ValueError("every layer size must be at least 1")
+        return layers
+
+
+class ModelSpec(BaseModel):
+    """Either a Python file defining ``model(idim)`` (MLaaS4HEP convention) or an MLP block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str | None = Field(default=None, description="Python file defining model(idim)")
+    mlp: MLPSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelSpec:
+        if self.file and self.mlp:
+            raise ValueError("give either 'file' or 'mlp', not both")
+        if not self.file and self.mlp is None:
+            self.mlp = MLPSpec()
+        return self
+
+
+class ResourcesSpec(BaseModel):
+    """What the training asks Ray for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(default=2, ge=1, le=1024)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    gpus_per_worker: float = Field(default=0.0, ge=0.0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra custom Ray resources per worker"
+    )
+
+    @model_validator(mode="after")
+    def _gpu_consistency(self) -> ResourcesSpec:
+        if self.use_gpu and self.gpus_per_worker == 0:
+            self.gpus_per_worker = 1.0
+        if self.gpus_per_worker > 0:
+            self.use_gpu = True
+        return self
+
+
+class TrainingSpec(BaseModel):
+    """How the model is fitted and evaluated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    validation_fraction: float = Field(default=0.2, ge=0.0, lt=0.9)
+    test_fraction: float = Field(default=0.2, ge=0.0, lt=0.9)
+    seed: int = 42
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _fractions(self) -> TrainingSpec:
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise ValueError("validation_fraction + test_fraction must stay below 0.9")
+        return self
+
+
+#: MLaaS4HEP params.json keys that this platform reads but does not act on.
+IGNORED_MLAAS4HEP_KEYS = frozenset(
+    {"hist", "hists", "info", "specs", "fout", "fin", "preproc_file"}
+)
+
+
+class PipelineSpec(BaseModel):
+    """Everything one pipeline needs: inputs, reading options, model, training, resources."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(default="model", pattern=MODEL_NAME_PATTERN, description="Model name")
+    files: list[InputFile] = Field(min_length=1)
+    label_branch: str | None = Field(
+        default=None, description="Take each event's label from this branch instead of per file"
+    )
+    branch: str = Field(default="Events", min_length=1, description="TTree path in each file")
+    nevts: int = Field(default=-1, ge=-1, description="Events to read in total; -1 reads all")
+    chunk_size: int = Field(default=10_000, ge=1, description="Events per read task")
+    epochs: int = Field(default=5, ge=1, le=10_000)
+    batch_size: int = Field(default=256, ge=1)
+    identifier: list[str] = Field(
+        default_factory=list, description="Branches read but kept out of the features"
+    )
+    selected_branches: list[str] = Field(default_factory=list)
+    exclude_branches: list[str] = Field(default_factory=list)
+    redirector: str | None = Field(
+        default=None, description="Prefix turning logical /store/... names into root:// URLs"
+    )
+    nan: float = Field(default=math.nan, description="Padding value of jagged slots")
+    verbose: int = 0
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @field_validator("identifier", "selected_branches", "exclude_branches", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> list[str]:
+        return _split_names(value)
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _files(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, value: Any) -> Any:
+        return {"file": value} if isinstance(value, str) else value
+
+    @field_validator("nan", mode="before")
+    @classmethod
+    def _nan(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.lower() in {"nan", "np.nan"}):
+            return math.nan
+        return value
+
+    @model_validator(mode="after")
+    def _labels(self) -> PipelineSpec:
+        if self.label_branch is None:
+            missing = [f.path for f in self.files if f.label is None]
+            if missing:
+                raise ValueError(
+                    "every file needs a label (or set label_branch); no label for: "
+                    + ", ".join(missing)
+                )
+        unknown = sorted(set(self.model_extra or {}))
+        if unknown:
+            ignored = [k for k in unknown if k not in IGNORED_MLAAS4HEP_KEYS]
+            warnings.warn(
+                f"spec keys not used by mlaas4hep: {', '.join(unknown)}",
+                UserWarning,
+                stacklevel=2,
+            )
+            logger.warning("ignoring unknown spec keys: %s", ", ".join(ignored or unknown))
+        return self
+
+    def resolved_paths(self) -> list[str]:
+        """Return each file's path, with logical ``/store/...`` names put behind the redirector."""
+        return [resolve_path(f.path, self.redirector) for f in self.files]
+
+    def to_json(self) -> str:
+        """Serialize to JSON (NaN padding written as the string ``"nan"``)."""
+        data = self.model_dump(mode="json")
+        if isinstance(self.nan, float) and math.isnan(self.nan):
+            data["nan"] = "nan"
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+def resolve_path(path: str, redirector: str | None) -> str:
+    """Turn a logical name (``/store/...``) into a ``root://`` URL when a redirector is set."""
+    if redirector and path.startswith("/store/"):
+        return redirector.rstrip("/") + "/" + path
+    return path
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "spec"
+        parts.append(f"{where}: {item['msg']}")
+    return f"{source}: invalid spec: " + "; ".join(parts)
+
+
+def parse_spec(data: dict[str, Any], source: str = "spec") -> PipelineSpec:
+    """Validate a spec mapping; raise :class:`SpecError` naming each bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec must be a mapping of keys to values")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return PipelineSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(_format_validation_error(error, source)) from None
+
+
+def read_spec_text(text: str, source: str) -> dict[str, Any]:
+    """Parse YAML or JSON text (JSON is YAML) into a mapping; errors name ``source``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpecError(f"{source}: not valid YAML or JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec must be a mapping of keys to values")
+    return data
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Read and validate a YAML or JSON spec file.
+
+    Relative file and model paths in the spec are taken relative to the spec's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    data = read_spec_text(path.read_text(), str(path))
+    return parse_spec(_relative_to(data, path.parent), str(path))
+
+
+def _is_url(path: str) -> bool:
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
+
+
+def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make local relative paths of files and the model file absolute against ``base``."""
+
+    def fix(path: str) -> str:
+        if _is_url(path) or path.startswith("/"):
+            return path
+        return str((base / path).resolve())
+
+    data = dict(data)
+    files = data.get("files")
+    if isinstance(files, str):
+        files = [files]
+    if isinstance(files, list):
+        data["files"] = [
+            fix(item)
+            if isinstance(item, str)
+            else (
+                {**item, "path": fix(item["path"])}
+                if isinstance(item, dict) and "path" in item
+                else item
+            )
+            for item in files
+        ]
+    model = data.get("model")
+    if isinstance(model, str):
+        data["model"] = fix(model)
+    elif isinstance(model, dict) and isinstance(model.get("file"), str):
+        data["model"] = {**model, "file": fix(model["file"])}
+    return data
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    if not path.is_file():
+        raise SpecError(f"{path}: {what} file not found")
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and ln[0] != "#"]
+
+
+def spec_from_mlaas4hep_inputs(
+    files: str | Path,
+    labels: str | Path | None,
+    params: str | Path,
+    model: str | Path | None = None,
+    preproc: str | Path | None = None,
+) -> PipelineSpec:
+    """Build a spec from MLaaS4HEP's original inputs, used as they are.
+
+    ``files.txt`` lists one ROOT file a line, ``labels.txt`` one label a line (the same
+    count), ``params.json`` holds MLaaS4HEP's parameters and ``model.py`` defines
+    ``model(idim)``. A missing ``labels`` means the label comes from ``label_branch``
+    in params.json.
+    """
+    files_path, params_path = Path(files), Path(params)
+    file_list = _read_lines(files_path, "files")
+    if not params_path.is_file():
+        raise SpecError(f"{params_path}: params file not found")
+    try:
+        params_data = json.loads(params_path.read_text())
+    except json.JSONDecodeError as error:
+        raise SpecError(f"{params_path}: not valid JSON: {error}") from None
+    if not isinstance(params_data, dict):
+        raise SpecError(f"{params_path}: params must be a JSON object")
+    data: dict[str, Any] = dict(params_data)
+    if labels is not None:
+        label_list = _read_lines(Path(labels), "labels")
+        if len(label_list) != len(file_list):
+            raise SpecError(
+                f"{labels}: {len(label_list)} labels for {len(file_list)} files in {files}; "
+                "give one label per file"
+            )
+        try:
+            label_values = [int(float(x)) for x in label_list]
+        except ValueError:
+            raise SpecError(f"{labels}: labels must be integers") from None
+        data["files"] = [
+            {"path": p, "label": lab} for p, lab in zip(file_list, label_values, strict=True)
+        ]
+    else:
+        data["files"] = file_list
+    data = _relative_to(data, files_path.parent)
+    if model is not None:
+        data["model"] = str(Path(model).resolve())
+    if preproc is not None:
+        data["preproc"] = str(Path(preproc).resolve())
+    return parse_spec(data, str(params_path))

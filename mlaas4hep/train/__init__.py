@@ -1,0 +1,1 @@
+"""Distributed TensorFlow training on Ray Train."""
