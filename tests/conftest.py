@@ -29,14 +29,34 @@ def platform_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster shared by every test of the session; shut down at the end."""
+def platform_settings(platform_home: Path):
+    """Settings of the session's platform: free loopback ports, storage in the temp home."""
+    from mlaas4hep.platform.settings import load_settings
+
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(platform_home / "ray_auth_token")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    return load_settings(
+        port=free_port(), ray_port=free_port(), dashboard_port=free_port(), num_cpus=4
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(platform_settings):
+    """One Ray head (``ray start``, token auth on) shared by every test of the session.
+
+    The test process is connected to it as a driver; at the end the head's processes and
+    session folder are removed, and nothing else on the machine is touched.
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from mlaas4hep.platform.cluster import start_head, stop_head
+
+    head = start_head(platform_settings)
+    ray.init(address=head.gcs_address, log_to_driver=False)
     yield ray
     ray.shutdown()
+    stop_head(platform_settings, keep_logs=False)
 
 
 def free_port() -> int:
@@ -49,11 +69,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_url(ray_cluster) -> str:
+def serve_url(ray_cluster, platform_settings) -> str:
     """Base URL of the session's Ray Serve HTTP proxy on loopback."""
     from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": platform_settings.port})
+    yield platform_settings.api_url
     serve.shutdown()

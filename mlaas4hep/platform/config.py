@@ -112,6 +112,9 @@ class ResourcesSpec(BaseModel):
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Extra custom Ray resources per worker"
     )
+    max_failures: int = Field(
+        default=0, ge=-1, description="Worker failures to recover from (from the last checkpoint)"
+    )
 
     @model_validator(mode="after")
     def _gpu_consistency(self) -> ResourcesSpec:
@@ -131,6 +134,18 @@ class TrainingSpec(BaseModel):
     test_fraction: float = Field(default=0.2, ge=0.0, lt=0.9)
     seed: int = 42
     shuffle: bool = True
+    early_stopping_patience: int = Field(
+        default=0, ge=0, description="Stop after this many epochs without val_loss gain; 0: never"
+    )
+    class_weights: dict[int, float] | None = Field(
+        default=None, description="Loss weight of each class label, e.g. {0: 1.0, 1: 5.0}"
+    )
+    keep: Literal["last", "best"] = Field(
+        default="last", description="Model kept: the last epoch's, or the lowest val_loss one"
+    )
+    mixed_precision: bool = Field(
+        default=False, description="Compute in bfloat16 (float16 on GPUs), keep weights float32"
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> TrainingSpec:
@@ -169,6 +184,13 @@ class PipelineSpec(BaseModel):
         default=None, description="Prefix turning logical /store/... names into root:// URLs"
     )
     nan: float = Field(default=math.nan, description="Padding value of jagged slots")
+    max_jagged_dim: int | None = Field(
+        default=None, ge=1, description="Cap on the slots kept per jagged branch (jdim)"
+    )
+    preproc: str | dict[str, Any] | None = Field(
+        default=None,
+        description="MLaaS4HEP preprocessing: new branches, cuts (a JSON file path or mapping)",
+    )
     verbose: int = 0
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)

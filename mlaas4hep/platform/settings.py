@@ -34,6 +34,10 @@ def _csv(value: Any) -> list[str]:
 class Settings(BaseModel):
     """Typed platform configuration (see the module docstring for sources)."""
 
+    home: str = Field(
+        default_factory=lambda: str(default_home()),
+        description="Folder of the embedded default's state and built-in issuer key",
+    )
     storage: str = Field(
         default_factory=lambda: str(default_home() / "storage"),
         description="Root URI of runs, models and uploads: a folder, file://, s3://...",
@@ -98,7 +102,12 @@ class Settings(BaseModel):
     @property
     def state_dir(self) -> Path:
         """Where ``mlaas4hep up`` records what it started."""
-        return default_home() / "state"
+        return Path(self.home) / "state"
+
+    @property
+    def issuer_key_dir(self) -> Path:
+        """Where the built-in issuer keeps its signing keys."""
+        return Path(self.home) / "issuer"
 
 
 def config_file() -> Path:
@@ -120,3 +129,14 @@ def load_settings(**overrides: Any) -> Settings:
             values[name] = env
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings.model_validate(values)
+
+
+def as_settings(value: Settings | dict[str, Any] | None) -> Settings:
+    """Settings from what a Serve application builder receives.
+
+    ``None`` loads them from the environment; a mapping (the ``args`` of a Serve config)
+    overrides the loaded ones key by key.
+    """
+    if isinstance(value, Settings):
+        return value
+    return load_settings(**(value or {}))

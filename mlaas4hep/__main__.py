@@ -1,0 +1,7 @@
+"""``python -m mlaas4hep``: the same as the ``mlaas4hep`` command."""
+
+import sys
+
+from mlaas4hep.cli import main
+
+sys.exit(main())

@@ -1,0 +1,254 @@
+"""The embedded default: a local Ray head with token authentication, started and stopped.
+
+``start_head`` runs ``ray start --head`` on loopback with Ray's token authentication on,
+``stop_head`` ends exactly the processes of that head (never other Ray clusters on the
+machine), and :class:`HeadState` records what was started in the platform's state folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from mlaas4hep.platform.settings import Settings
+
+RAY_TOKEN_ENV = "RAY_AUTH_TOKEN"
+RAY_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+
+
+class ClusterError(RuntimeError):
+    """The local head could not be started, reached or stopped."""
+
+
+def ray_token_path() -> Path:
+    """Where Ray reads its cluster token: ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``."""
+    return Path(os.environ.get(RAY_TOKEN_PATH_ENV) or Path.home() / ".ray" / "auth_token")
+
+
+def ensure_ray_token() -> None:
+    """Create Ray's cluster token (mode 0600) unless one is already configured."""
+    if os.environ.get(RAY_TOKEN_ENV):
+        return
+    path = ray_token_path()
+    if path.is_file() and path.read_text().strip():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as stream:
+        stream.write(secrets.token_hex(32))
+
+
+def ray_token() -> str:
+    """The cluster token, for clients of Ray's dashboard and Jobs API."""
+    token = os.environ.get(RAY_TOKEN_ENV)
+    if token:
+        return token.strip()
+    path = ray_token_path()
+    if not path.is_file():
+        raise ClusterError(f"no Ray token: {path} does not exist (is the platform up?)")
+    return path.read_text().strip()
+
+
+def ray_env() -> dict[str, str]:
+    """Environment for Ray processes and clients: token authentication on, venv on PATH."""
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token"
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    # Legacy Keras for every Ray worker: Keras 3 fails under MultiWorkerMirroredStrategy.
+    env.setdefault("TF_USE_LEGACY_KERAS", "1")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+@dataclass
+class HeadState:
+    """What ``start_head`` started, saved as JSON in the state folder."""
+
+    gcs_address: str
+    dashboard_url: str
+    session_dir: str
+    num_cpus: int
+    started: float
+
+    @staticmethod
+    def path(settings: Settings) -> Path:
+        return settings.state_dir / "head.json"
+
+    def save(self, settings: Settings) -> None:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.path(settings).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, settings: Settings) -> HeadState | None:
+        path = cls.path(settings)
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when something accepts TCP connections at ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def default_num_cpus() -> int:
+    """Logical CPUs for the local head.
+
+    More than the cores: Serve replicas ask fractions, but two Train workers plus Ray Data
+    read tasks need whole CPUs at once, and a head with only 2 would deadlock a pipeline.
+    """
+    return max(4, os.cpu_count() or 1)
+
+
+def _ray_cli() -> str:
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def head_is_running(state: HeadState | None) -> bool:
+    if state is None:
+        return False
+    host, port = state.gcs_address.rsplit(":", 1)
+    return port_open(host, int(port))
+
+
+def start_head(settings: Settings, timeout: float = 120.0) -> HeadState:
+    """Start a Ray head on loopback with token authentication, or reuse the running one."""
+    state = HeadState.load(settings)
+    if head_is_running(state):
+        return state  # type: ignore[return-value]
+    if port_open("127.0.0.1", settings.ray_port):
+        raise ClusterError(
+            f"port {settings.ray_port} is taken by another process: set MLAAS4HEP_RAY_PORT"
+        )
+    if port_open("127.0.0.1", settings.dashboard_port):
+        raise ClusterError(
+            f"dashboard port {settings.dashboard_port} is taken: set MLAAS4HEP_DASHBOARD_PORT"
+        )
+    ensure_ray_token()
+    num_cpus = settings.num_cpus or default_num_cpus()
+    command = [
+        _ray_cli(),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={settings.ray_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={settings.dashboard_port}",
+        f"--num-cpus={num_cpus}",
+        "--disable-usage-stats",
+    ]
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.state_dir / "ray-start.log"
+    with log_path.open("w") as log:
+        result = subprocess.run(
+            command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+        )
+    if result.returncode != 0:
+        tail = log_path.read_text()[-2000:]
+        raise ClusterError(f"ray start failed (exit {result.returncode}); see {log_path}:\n{tail}")
+    gcs_address = f"127.0.0.1:{settings.ray_port}"
+    state = HeadState(
+        gcs_address=gcs_address,
+        dashboard_url=settings.jobs_url,
+        session_dir=_session_dir_of(settings.ray_port),
+        num_cpus=num_cpus,
+        started=time.time(),
+    )
+    state.save(settings)
+    _wait_for(lambda: port_open("127.0.0.1", settings.dashboard_port), timeout, "dashboard")
+    return state
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise ClusterError(f"timed out after {timeout:.0f} s waiting for the {what}")
+
+
+def _session_dir_of(gcs_port: int) -> str:
+    """Session folder of the head whose GCS listens on ``gcs_port`` (from its process)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if not any(arg.endswith("gcs_server") for arg in cmdline[:1]):
+            continue
+        if not any(arg == f"--gcs_server_port={gcs_port}" for arg in cmdline):
+            continue
+        for arg in cmdline:
+            if arg.startswith("--log_dir="):
+                return str(Path(arg.split("=", 1)[1]).parent)
+    raise ClusterError(f"no Ray GCS process found on port {gcs_port}")
+
+
+def _head_processes(session_dir: str) -> list[psutil.Process]:
+    """Processes of the head whose session folder is ``session_dir``, with their children."""
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(session_dir in arg for arg in proc.info.get("cmdline") or []):
+                roots.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found: dict[int, psutil.Process] = {}
+    for root in roots:
+        found[root.pid] = root
+        try:
+            for child in root.children(recursive=True):
+                found[child.pid] = child
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())
+
+
+def stop_head(settings: Settings, timeout: float = 20.0, keep_logs: bool = True) -> bool:
+    """Stop the head recorded in the state folder; return whether one was running.
+
+    With ``keep_logs=False`` the head's session folder under Ray's temp dir is removed too.
+    """
+    state = HeadState.load(settings)
+    if state is None:
+        return False
+    procs = _head_processes(state.session_dir)
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=5)
+    HeadState.path(settings).unlink(missing_ok=True)
+    if not keep_logs:
+        _remove_session(Path(state.session_dir))
+    return bool(procs)
+
+
+def _remove_session(session_dir: Path) -> None:
+    latest = session_dir.parent / "session_latest"
+    if latest.is_symlink() and Path(os.readlink(latest)) == session_dir:
+        latest.unlink(missing_ok=True)
+    shutil.rmtree(session_dir, ignore_errors=True)

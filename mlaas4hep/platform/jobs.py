@@ -1,0 +1,110 @@
+"""Pipelines as Ray Jobs: submit, inspect, stop, through Ray's Jobs API behind its token.
+
+Each pipeline is one Ray Job whose submission id is the run id and whose metadata
+names the owner and the run, so ``ray job list`` and the dashboard show who runs what.
+The entrypoint is built from fixed words plus the run id (made by the platform), never
+from user input.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from mlaas4hep.platform.cluster import ray_token
+from mlaas4hep.platform.runs import check_run_id
+
+#: Ray job states mapped to run states.
+JOB_TO_RUN_STATE = {
+    JobStatus.PENDING: "PENDING",
+    JobStatus.RUNNING: "RUNNING",
+    JobStatus.SUCCEEDED: "SUCCEEDED",
+    JobStatus.FAILED: "FAILED",
+    JobStatus.STOPPED: "CANCELLED",
+}
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What the Jobs API says of one pipeline's job."""
+
+    job_id: str
+    state: str
+    message: str
+    metadata: dict[str, str]
+
+
+def pipeline_entrypoint(spec_uri: str, run_id: str, owner: str) -> str:
+    """Shell command of the Ray Job that runs one pipeline."""
+    check_run_id(run_id)
+    words = [sys.executable, "-m", "mlaas4hep.cli", "run", spec_uri, "--run-id", run_id]
+    words += ["--owner", owner]
+    return shlex.join(words)
+
+
+class PipelineJobs:
+    """Thin client of Ray's Jobs API for pipeline runs."""
+
+    def __init__(self, jobs_url: str) -> None:
+        self.jobs_url = jobs_url
+        self._client: JobSubmissionClient | None = None
+
+    @property
+    def client(self) -> JobSubmissionClient:
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {ray_token()}"}
+            self._client = JobSubmissionClient(self.jobs_url, headers=headers)
+        return self._client
+
+    def submit(
+        self,
+        run_id: str,
+        owner: str,
+        spec_uri: str,
+        entrypoint_resources: dict[str, float] | None = None,
+        env_vars: dict[str, str] | None = None,
+    ) -> str:
+        """Start the pipeline's Ray Job; return its job id (the run id)."""
+        runtime_env: dict[str, Any] = {"env_vars": {"TF_USE_LEGACY_KERAS": "1", **(env_vars or {})}}
+        return self.client.submit_job(
+            entrypoint=pipeline_entrypoint(spec_uri, run_id, owner),
+            submission_id=run_id,
+            metadata={"owner": owner, "run_id": run_id, "app": "mlaas4hep"},
+            runtime_env=runtime_env,
+            entrypoint_resources=entrypoint_resources,
+        )
+
+    def view(self, job_id: str) -> JobView | None:
+        """The job's state, or ``None`` when the Jobs API does not know it."""
+        try:
+            info = self.client.get_job_info(job_id)
+        except RuntimeError:
+            return None
+        return JobView(
+            job_id=job_id,
+            state=JOB_TO_RUN_STATE.get(info.status, str(info.status)),
+            message=info.message or "",
+            metadata=dict(info.metadata or {}),
+        )
+
+    def logs(self, job_id: str) -> str:
+        try:
+            return self.client.get_job_logs(job_id)
+        except RuntimeError:
+            return ""
+
+    def stop(self, job_id: str) -> bool:
+        try:
+            return bool(self.client.stop_job(job_id))
+        except RuntimeError:
+            return False
+
+    def delete(self, job_id: str) -> None:
+        try:
+            self.client.delete_job(job_id)
+        except RuntimeError:
+            return

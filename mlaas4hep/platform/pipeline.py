@@ -1,0 +1,151 @@
+"""The pipeline itself: the body of each pipeline's Ray Job (``mlaas4hep run``).
+
+read ROOT files (Ray Data) → specs pass → flatten → train (Ray Train) → bundle → registry.
+Every stage is recorded in the run's ``status.json`` and log, so the API, the CLI and a
+restarted replica all see the same progress; a failure records its message and re-raises
+so the Ray Job fails too.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from mlaas4hep.platform.config import PipelineSpec
+from mlaas4hep.platform.registry import ModelRegistry
+from mlaas4hep.platform.runs import RunState, RunStore, now_iso
+from mlaas4hep.platform.storage import Storage
+
+logger = logging.getLogger("mlaas4hep.pipeline")
+
+
+class RunLogHandler(logging.Handler):
+    """Append log records to ``runs/<run_id>/log`` in storage."""
+
+    def __init__(self, storage: Storage, run_id: str) -> None:
+        super().__init__(level=logging.INFO)
+        self.storage = storage
+        self.run_id = run_id
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.storage.append_text(self.format(record) + "\n", "runs", self.run_id, "log")
+        except OSError:
+            self.handleError(record)
+
+
+def _attach_log(storage: Storage, run_id: str) -> RunLogHandler:
+    handler = RunLogHandler(storage, run_id)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
+        stream = logging.StreamHandler()
+        stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(stream)
+    return handler
+
+
+def run_pipeline(spec: PipelineSpec, run_id: str, owner: str, storage: Storage) -> dict[str, Any]:
+    """Run one pipeline to the end and return its final run record.
+
+    Creates the run record when it does not exist yet (a pipeline started with
+    ``ray job submit -- mlaas4hep run SPEC`` rather than through the API).
+    """
+    runs = RunStore(storage)
+    try:
+        runs.get(run_id)
+    except LookupError:
+        runs.create(run_id, owner=owner, name=spec.name, source="cli")
+        storage.write_text(spec.to_json(), "runs", run_id, "spec.json")
+    handler = _attach_log(storage, run_id)
+    try:
+        return _run_stages(spec, run_id, owner, storage, runs)
+    except BaseException as error:
+        message = f"{type(error).__name__}: {error}"
+        logger.error("pipeline failed: %s\n%s", message, traceback.format_exc())
+        runs.update(run_id, state=RunState.FAILED, message=message, finished=now_iso())
+        raise
+    finally:
+        logger.removeHandler(handler)
+
+
+def _run_stages(
+    spec: PipelineSpec, run_id: str, owner: str, storage: Storage, runs: RunStore
+) -> dict[str, Any]:
+    # Imported here: TensorFlow must only load after TF_USE_LEGACY_KERAS is set.
+    from mlaas4hep.platform.datasource import read_events
+    from mlaas4hep.platform.flatten import flatten_dataset
+    from mlaas4hep.platform.rootio import inspect_inputs
+    from mlaas4hep.platform.specs import compute_specs
+    from mlaas4hep.train.bundle import write_bundle
+    from mlaas4hep.train.metrics import save_plots
+    from mlaas4hep.train.trainer import check_resources, split_dataset, train_model
+
+    runs.update(run_id, state=RunState.RUNNING, stage="checking inputs", started=now_iso())
+    logger.info("run %s: model %r for %s", run_id, spec.name, owner)
+    check_resources(spec.resources)
+    summary = inspect_inputs(spec)
+    logger.info("inputs: %s", summary)
+
+    runs.update(run_id, stage="specs pass")
+    events = read_events(spec)
+    specs = compute_specs(events, spec)
+    storage.write_json(specs.to_dict(), "runs", run_id, "specs.json")
+    logger.info("specs: %d events, %d features", specs.events, specs.n_features)
+
+    runs.update(run_id, stage="training", progress={"epoch": 0, "epochs": spec.epochs})
+    flat = flatten_dataset(events, specs, spec)
+    splits = split_dataset(flat, spec.training)
+
+    def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
+        logger.info("epoch %d/%d: %s", epoch, spec.epochs, metrics)
+        runs.update(run_id, progress={"epoch": epoch, "epochs": spec.epochs, **metrics})
+
+    checkpoints = storage.uri("runs", run_id, "train")
+    result = train_model(spec, splits, specs.n_features, checkpoints, run_id, on_epoch=on_epoch)
+    storage.write_json(result.metrics, "runs", run_id, "metrics.json")
+    storage.write_json(result.history, "runs", run_id, "history.json")
+
+    runs.update(run_id, stage="registering model")
+    workdir = Path(tempfile.mkdtemp(prefix=f"mlaas4hep-{run_id}-"))
+    try:
+        for plot in save_plots(result.metrics, workdir / "plots"):
+            storage.write_bytes(plot.read_bytes(), "runs", run_id, "plots", plot.name)
+        bundle = write_bundle(
+            workdir / "bundle",
+            result.model_dir,
+            name=spec.name,
+            specs=specs.to_dict(),
+            feature_names=specs.feature_names(),
+            labels=_labels(spec),
+            metrics=result.metrics,
+            owner=owner,
+            run_id=run_id,
+            spec_json=spec.to_json(),
+        )
+        version = ModelRegistry(storage).register(spec.name, bundle, owner=owner)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    logger.info(
+        "registered %s version %d; test metrics %s", spec.name, version.version, summary_metrics
+    )
+    return runs.update(
+        run_id,
+        state=RunState.SUCCEEDED,
+        stage="done",
+        metrics=summary_metrics,
+        model={"name": version.name, "version": version.version},
+        finished=now_iso(),
+    )
+
+
+def _labels(spec: PipelineSpec) -> list[str]:
+    """Class labels written to labels.txt: background then signal for a binary classifier."""
+    labels = sorted({f.label for f in spec.files if f.label is not None})
+    return [str(label) for label in labels] or ["0", "1"]

@@ -1,0 +1,284 @@
+"""The pipeline API (``/api/v1``): submit pipelines and follow them, behind a bearer token.
+
+:func:`create_pipeline_api` builds the FastAPI app from an :class:`ApiContext`, so the same
+routes run inside the Ray Serve deployment :class:`PipelineAPI` and in plain ASGI tests.
+Submissions are checked here (spec fields, files, tree, model file syntax) and run as Ray
+Jobs; user code never runs in this process.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import BaseModel, Field
+from ray import serve
+
+from mlaas4hep import __version__
+from mlaas4hep.platform.auth import AuthConfig, Principal, TokenValidator
+from mlaas4hep.platform.config import PipelineSpec, SpecError, parse_spec
+from mlaas4hep.platform.jobs import PipelineJobs
+from mlaas4hep.platform.registry import ModelRegistry
+from mlaas4hep.platform.runs import RunNotFound, RunState, RunStore, new_run_id
+from mlaas4hep.platform.settings import Settings, as_settings
+from mlaas4hep.platform.storage import Storage
+from mlaas4hep.serve.errors import ApiError, install_error_handlers
+from mlaas4hep.serve.security import principal_dependency
+
+#: Run artifacts a client may download, besides plots/<name>.png.
+ARTIFACTS = ("spec.json", "specs.json", "metrics.json", "history.json", "status.json", "log")
+MAX_MODEL_SOURCE_BYTES = 1_000_000
+
+
+class SubmitRequest(BaseModel):
+    """A pipeline submission: the spec and, optionally, the source of its model file."""
+
+    spec: dict[str, Any] = Field(description="Pipeline spec with MLaaS4HEP key names")
+    model_source: str | None = Field(
+        default=None,
+        max_length=MAX_MODEL_SOURCE_BYTES,
+        description="Python source defining model(idim); replaces spec.model.file",
+    )
+    model_filename: str = Field(default="model.py", max_length=128)
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+
+
+class PipelineRecord(BaseModel):
+    """A pipeline run as the API reports it."""
+
+    id: str
+    owner: str
+    name: str
+    state: str
+    stage: str = ""
+    message: str = ""
+    created: str = ""
+    updated: str = ""
+    progress: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    model: ModelRef | None = None
+    job_id: str | None = None
+
+
+class PipelineList(BaseModel):
+    pipelines: list[PipelineRecord]
+
+
+@dataclass
+class ApiContext:
+    """Everything the routes use, built once per replica."""
+
+    settings: Settings
+    storage: Storage
+    runs: RunStore
+    registry: ModelRegistry
+    jobs: PipelineJobs
+    validator: TokenValidator
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiContext:
+        storage = Storage(settings.storage)
+        return cls(
+            settings=settings,
+            storage=storage,
+            runs=RunStore(storage),
+            registry=ModelRegistry(storage),
+            jobs=PipelineJobs(settings.jobs_url),
+            validator=TokenValidator(AuthConfig.from_settings(settings)),
+        )
+
+
+def _check_submission(request: SubmitRequest) -> tuple[PipelineSpec, str | None]:
+    """Validate the spec, its inputs and the model source; raise ApiError 4xx naming the fault."""
+    from mlaas4hep.platform.rootio import DataError, inspect_inputs
+    from mlaas4hep.train.models import ModelFileError, check_model_file
+
+    spec_data = dict(request.spec)
+    if request.model_source is not None:
+        spec_data["model"] = {"file": request.model_filename}
+    try:
+        spec = parse_spec(spec_data, "spec")
+    except SpecError as error:
+        raise ApiError(422, str(error)) from None
+    if request.model_source is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(request.model_filename).name
+            path.write_text(request.model_source)
+            try:
+                check_model_file(str(path))
+            except ModelFileError as error:
+                raise ApiError(422, str(error).replace(str(path), request.model_filename)) from None
+    elif spec.model.file:
+        raise ApiError(
+            422, "spec.model.file: send the model file's source as model_source with the spec"
+        )
+    try:
+        inspect_inputs(spec)
+    except DataError as error:
+        raise ApiError(422, str(error)) from None
+    return spec, request.model_source
+
+
+def _record(ctx: ApiContext, run_id: str, principal: Principal) -> dict[str, Any]:
+    """The run's record if the caller may see it, with the Ray job's view merged in."""
+    try:
+        record = ctx.runs.get(run_id)
+    except RunNotFound:
+        raise ApiError(404, f"pipeline {run_id!r} not found") from None
+    if record.get("owner") != principal.owner and not principal.is_admin:
+        raise ApiError(404, f"pipeline {run_id!r} not found")
+    if RunState(record["state"]).finished:
+        return record
+    job = ctx.jobs.view(record.get("job_id") or run_id)
+    if job is not None and job.state in {"FAILED", "CANCELLED"}:
+        message = record.get("message") or job.message
+        record = ctx.runs.update(run_id, state=job.state, message=message)
+    elif job is not None and job.state == "SUCCEEDED" and record["state"] != "SUCCEEDED":
+        record = ctx.runs.update(
+            run_id, state=RunState.FAILED, message="the job ended without registering a model"
+        )
+    return record
+
+
+def create_pipeline_api(ctx: ApiContext) -> FastAPI:
+    """The ``/api/v1`` FastAPI app over ``ctx``."""
+    app = FastAPI(
+        title="mlaas4hep pipeline API",
+        version=__version__,
+        description="Submit ML pipelines on ROOT files and follow them. Bearer token required.",
+    )
+    install_error_handlers(app)
+    User = Annotated[Principal, Depends(principal_dependency(ctx.validator, "use"))]
+    Submitter = Annotated[Principal, Depends(principal_dependency(ctx.validator, "submit"))]
+
+    @app.get("/whoami")
+    def whoami(principal: User) -> dict[str, Any]:
+        """The caller as the platform sees them."""
+        return {
+            "sub": principal.sub,
+            "issuer": principal.issuer,
+            "owner": principal.owner,
+            "groups": list(principal.groups),
+            "scopes": list(principal.scopes),
+            "admin": principal.is_admin,
+        }
+
+    @app.post("/pipelines", status_code=201, response_model=PipelineRecord)
+    def submit(request: SubmitRequest, principal: Submitter) -> dict:
+        """Check a submission and start it as a Ray Job."""
+        spec, model_source = _check_submission(request)
+        run_id = new_run_id()
+        if model_source is not None:
+            ctx.storage.write_text(model_source, "runs", run_id, "model.py")
+            spec.model.file = ctx.storage.uri("runs", run_id, "model.py")
+        ctx.storage.write_text(spec.to_json(), "runs", run_id, "spec.json")
+        ctx.runs.create(run_id, owner=principal.owner, name=spec.name, job_id=run_id)
+        try:
+            ctx.jobs.submit(run_id, principal.owner, ctx.storage.uri("runs", run_id, "spec.json"))
+        except Exception as error:
+            ctx.runs.update(run_id, state=RunState.FAILED, message=f"submission failed: {error}")
+            raise ApiError(503, f"the cluster did not accept the pipeline: {error}") from None
+        return ctx.runs.get(run_id)
+
+    @app.get("/pipelines", response_model=PipelineList)
+    def list_pipelines(principal: User, state: str | None = None) -> dict:
+        """The caller's pipelines (every pipeline for administrators), newest first."""
+        owner = None if principal.is_admin else principal.owner
+        records = ctx.runs.list(owner)
+        if state:
+            records = [r for r in records if r.get("state") == state.upper()]
+        return {"pipelines": records}
+
+    @app.get("/pipelines/{run_id}", response_model=PipelineRecord)
+    def get_pipeline(run_id: str, principal: User) -> dict:
+        """One pipeline: state, stage, progress, metrics and the model it registered."""
+        return _record(ctx, run_id, principal)
+
+    @app.get("/pipelines/{run_id}/logs", response_class=PlainTextResponse)
+    def pipeline_logs(run_id: str, principal: User) -> str:
+        """The pipeline's log: the Ray job's output, or the stored log once Ray forgot it."""
+        record = _record(ctx, run_id, principal)
+        logs = ctx.jobs.logs(record.get("job_id") or run_id)
+        if logs:
+            return logs
+        try:
+            return ctx.storage.read_text("runs", run_id, "log")
+        except FileNotFoundError:
+            return ""
+
+    @app.get("/pipelines/{run_id}/artifacts")
+    def list_artifacts(run_id: str, principal: User) -> dict:
+        """Names of the run's artifacts."""
+        _record(ctx, run_id, principal)
+        names = [n for n in ARTIFACTS if ctx.storage.exists("runs", run_id, n)]
+        names += [f"plots/{n}" for n in ctx.storage.listdir("runs", run_id, "plots")]
+        return {"artifacts": names}
+
+    @app.get("/pipelines/{run_id}/artifacts/{name:path}")
+    def get_artifact(run_id: str, name: str, principal: User) -> Response:
+        """One artifact: JSON files, the log, or a PNG plot."""
+        _record(ctx, run_id, principal)
+        is_plot = name.startswith("plots/") and name.count("/") == 1 and name.endswith(".png")
+        if name not in ARTIFACTS and not is_plot:
+            raise ApiError(404, f"artifact {name!r} not found")
+        try:
+            data = ctx.storage.read_bytes("runs", run_id, name)
+        except FileNotFoundError:
+            raise ApiError(404, f"artifact {name!r} not found") from None
+        media = (
+            "image/png"
+            if is_plot
+            else ("application/json" if name.endswith(".json") else "text/plain")
+        )
+        return Response(content=data, media_type=media)
+
+    @app.post("/pipelines/{run_id}/cancel", response_model=PipelineRecord)
+    def cancel(run_id: str, principal: Submitter) -> dict:
+        """Stop a pending or running pipeline."""
+        record = _record(ctx, run_id, principal)
+        if RunState(record["state"]).finished:
+            raise ApiError(409, f"pipeline {run_id!r} already {record['state'].lower()}")
+        ctx.jobs.stop(record.get("job_id") or run_id)
+        return ctx.runs.update(run_id, state=RunState.CANCELLED, message="cancelled by the user")
+
+    @app.delete("/pipelines/{run_id}")
+    def delete(run_id: str, principal: Submitter) -> dict:
+        """Delete a finished pipeline's record, logs and artifacts (not its registered model)."""
+        record = _record(ctx, run_id, principal)
+        if not RunState(record["state"]).finished:
+            raise ApiError(
+                409, f"pipeline {run_id!r} is {record['state'].lower()}: cancel it first"
+            )
+        ctx.jobs.delete(record.get("job_id") or run_id)
+        ctx.runs.delete(run_id)
+        return {"deleted": run_id}
+
+    return app
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.1},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+)
+@serve.ingress()
+class PipelineAPI:
+    """Ray Serve deployment serving :func:`create_pipeline_api` (at ``/api/v1``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.ctx = ApiContext.from_settings(settings)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_pipeline_api(self.ctx)
+
+
+def build_api_app(settings: Settings | dict[str, Any] | None = None) -> serve.Application:
+    """The pipeline API as a Serve application (import path for serve configs)."""
+    return PipelineAPI.bind(as_settings(settings))
