@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--user", help="subject of the token (default: your user name)")
     token.add_argument("--group", action="append", help="group claim (repeatable)")
     token.add_argument("--ttl", type=int, default=12 * 3600, help="lifetime in seconds")
+    _add_platform_options(token)
     token.set_defaults(func=cmd_token)
 
     submit = sub.add_parser("submit", help="submit a pipeline over HTTP")

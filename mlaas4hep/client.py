@@ -94,6 +94,10 @@ class PlatformClient:
         body = {"spec": spec_data, "model_source": model_source}
         return self._request("POST", "/api/v1/pipelines", json=body).json()
 
+    def whoami(self) -> dict:
+        """The caller as the platform sees them (subject, owner id, groups)."""
+        return self._request("GET", "/api/v1/whoami").json()
+
     def pipelines(self) -> list[dict]:
         return self._request("GET", "/api/v1/pipelines").json()["pipelines"]
 

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Before any test module imports Ray or TensorFlow: Ray's token auth on, with the token in
+# a session folder (never ~/.ray), and legacy Keras for Ray Train.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="mlaas4hep-tests-"))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_SESSION_DIR / "ray_auth_token")
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ["MLAAS4HEP_HOME"] = str(_SESSION_DIR / "home")
+os.environ["MLAAS4HEP_STORAGE"] = str(_SESSION_DIR / "home" / "storage")
 
 
 @pytest.fixture(scope="session")
@@ -20,12 +31,12 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def platform_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Point the platform's home and storage at a temporary folder for the whole session."""
-    home = tmp_path_factory.mktemp("mlaas4hep-home")
-    os.environ["MLAAS4HEP_HOME"] = str(home)
-    os.environ["MLAAS4HEP_STORAGE"] = str(home / "storage")
-    return home
+def platform_home() -> Path:
+    """The platform's home (state, issuer key, storage) for the session; removed at the end."""
+    home = _SESSION_DIR / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    yield home
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +44,6 @@ def platform_settings(platform_home: Path):
     """Settings of the session's platform: free loopback ports, storage in the temp home."""
     from mlaas4hep.platform.settings import load_settings
 
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(platform_home / "ray_auth_token")
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
     return load_settings(
         port=free_port(), ray_port=free_port(), dashboard_port=free_port(), num_cpus=4
     )

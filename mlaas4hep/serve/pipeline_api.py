@@ -6,12 +6,10 @@ Submissions are checked here (spec fields, files, tree, model file syntax) and r
 Jobs; user code never runs in this process.
 """
 
-from __future__ import annotations
-
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse, Response
@@ -84,7 +82,7 @@ class ApiContext:
     validator: TokenValidator
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ApiContext:
+    def from_settings(cls, settings: Settings) -> Self:
         storage = Storage(settings.storage)
         return cls(
             settings=settings,

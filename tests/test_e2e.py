@@ -1,0 +1,200 @@
+"""End to end over HTTP, as `make run` does it: token, submit, Ray Job, train, serve, predict.
+
+Runs against the session's platform: the head started by ``ray_cluster`` with every Serve
+application deployed on it. Data are small so the two training runs stay short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mlaas4hep.client import ClientError, PlatformClient
+from mlaas4hep.platform.cluster import ray_env, ray_token
+from mlaas4hep.platform.issuer import LocalIssuer, builtin_issuer
+from mlaas4hep.quickstart import predict_event, write_demo_inputs
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def platform(serve_url, platform_settings):
+    """Every Serve application of the platform, deployed on the session's head."""
+    from mlaas4hep.serve.apps import deploy
+
+    deploy(platform_settings)
+    return platform_settings
+
+
+@pytest.fixture(scope="module")
+def issuer(platform) -> LocalIssuer:
+    return builtin_issuer(platform)
+
+
+@pytest.fixture(scope="module")
+def client(platform, issuer):
+    client = PlatformClient(platform.api_url, issuer.mint("alice"), timeout=120)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def demo_spec(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo")
+    return write_demo_inputs(folder, events=600, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def finished_run(client, demo_spec) -> dict:
+    """The demo pipeline submitted over HTTP and followed to its end."""
+    from mlaas4hep.platform.config import load_spec
+
+    record = client.submit(load_spec(demo_spec))
+    assert record["state"] == "PENDING"
+    return client.wait(record["id"], poll=2, timeout=900)
+
+
+def test_demo_pipeline_trains_registers_and_serves_a_model(client, finished_run, demo_spec):
+    assert finished_run["state"] == "SUCCEEDED", finished_run.get("message")
+    assert finished_run["model"] == {"name": "demo", "version": 1}
+    assert 0.5 < finished_run["metrics"]["test_auc"] <= 1.0
+    prediction, features = predict_event(
+        client, finished_run["id"], "demo", demo_spec.parent / "signal.root", 0
+    )
+    assert len(prediction) == 1
+    assert 0.0 <= float(prediction[0]) <= 1.0
+    assert len(features) > 10
+
+
+def test_pipeline_job_is_listed_by_the_jobs_api_with_its_owner(finished_run, platform):
+    headers = {"Authorization": f"Bearer {ray_token()}"}
+    jobs = httpx.get(f"{platform.jobs_url}/api/jobs/", headers=headers, timeout=30).json()
+    ours = [job for job in jobs if job.get("submission_id") == finished_run["id"]]
+    assert ours, "the pipeline's Ray job is not listed"
+    assert ours[0]["metadata"]["owner"] == finished_run["owner"]
+    assert ours[0]["metadata"]["run_id"] == finished_run["id"]
+
+
+def test_finished_pipeline_exposes_logs_and_artifacts(client, finished_run):
+    assert "registered demo version 1" in client.logs(finished_run["id"])
+    specs = json.loads(client.artifact(finished_run["id"], "specs.json"))
+    assert {"jdim", "minv", "maxv", "fkeys", "jkeys", "nans"} <= set(specs)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/pipelines", "/json"])
+def test_requests_without_token_get_401_with_error(platform, path):
+    method = "GET" if path.endswith("pipelines") else "POST"
+    response = httpx.request(method, platform.api_url + path, json={}, timeout=30)
+    assert response.status_code == 401
+    assert "error" in response.json()
+
+
+def test_expired_token_and_token_of_another_key_get_401(platform, issuer, tmp_path):
+    expired = issuer.mint("alice", ttl=-3600)
+    stranger = LocalIssuer(tmp_path / "other-key", issuer.issuer_url).mint("alice")
+    for token in (expired, stranger):
+        response = httpx.get(
+            platform.api_url + "/api/v1/pipelines",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        assert response.status_code == 401, response.text
+        assert "error" in response.json()
+
+
+def test_token_from_the_cli_is_accepted(platform):
+    token = subprocess.run(
+        [sys.executable, "-m", "mlaas4hep", "token", "--user", "bob"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MLAAS4HEP_PORT": str(platform.port)},
+    ).stdout.strip()
+    response = httpx.get(
+        platform.api_url + "/api/v1/pipelines",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    assert response.json() == {"pipelines": []}
+
+
+def _spec(demo_spec: Path, **changes) -> dict:
+    import yaml
+
+    spec = yaml.safe_load(demo_spec.read_text())
+    folder = demo_spec.parent
+    spec["files"] = [{**f, "path": str(folder / f["path"])} for f in spec["files"]]
+    spec.pop("model")
+    spec.update(changes)
+    return spec
+
+
+def test_submission_naming_a_missing_file_is_refused_with_its_name(client, demo_spec):
+    spec = _spec(demo_spec)
+    spec["files"][0]["path"] = "/nonexistent/signal.root"
+    with pytest.raises(ClientError) as error:
+        client.submit(spec)
+    assert error.value.status == 422
+    assert "/nonexistent/signal.root" in str(error.value)
+
+
+def test_submission_naming_a_missing_tree_is_refused_with_its_name(client, demo_spec):
+    with pytest.raises(ClientError) as error:
+        client.submit(_spec(demo_spec, branch="NoSuchTree"))
+    assert error.value.status == 422
+    assert "NoSuchTree" in str(error.value)
+
+
+def test_submission_with_a_malformed_field_is_refused_naming_the_field(client, demo_spec):
+    with pytest.raises(ClientError) as error:
+        client.submit(_spec(demo_spec, epochs="many"))
+    assert error.value.status == 422
+    assert "epochs" in str(error.value)
+
+
+def test_refused_submissions_leave_no_pipeline_behind(client, finished_run):
+    assert [r["id"] for r in client.pipelines()] == [finished_run["id"]]
+
+
+def test_failure_inside_the_job_shows_in_the_pipeline_status(client, demo_spec):
+    broken = "def model(idim):\n    raise ValueError('the model cannot be built: boom')\n"
+    record = client.submit(_spec(demo_spec, name="broken", epochs=1), model_source=broken)
+    final = client.wait(record["id"], poll=2, timeout=600)
+    assert final["state"] == "FAILED"
+    assert "boom" in final["message"]
+
+
+def test_ray_job_submit_of_mlaas4hep_run_registers_a_listed_model(client, platform, demo_spec):
+    spec_path = demo_spec.parent / "spec-cli.yaml"
+    spec_path.write_text(demo_spec.read_text().replace("name: demo", "name: demo-cli"))
+    env = {**ray_env(), "RAY_AUTH_MODE": "token"}
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        platform.jobs_url,
+        "--",
+        "mlaas4hep",
+        "run",
+        str(spec_path),
+        "--owner",
+        client.whoami()["owner"],
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        names = json.dumps(client.models())
+        if "demo-cli" in names:
+            break
+        time.sleep(2)
+    assert "demo-cli" in json.dumps(client.models())
