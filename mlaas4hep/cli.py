@@ -241,6 +241,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def openapi_documents(settings: Settings) -> dict[str, dict]:
+    """OpenAPI documents of the HTTP APIs, by file name, built without a cluster."""
+    from mlaas4hep.serve.pipeline_api import ApiContext, create_pipeline_api
+    from mlaas4hep.serve.tfaas import TFaaSOptions, TFaaSService, create_app
+
+    api = create_pipeline_api(ApiContext.from_settings(settings))
+    api.servers = [{"url": "/api/v1"}]
+    inference = create_app(TFaaSService(settings, TFaaSOptions(), model_server=None))
+    return {"pipeline-api.json": api.openapi(), "inference-api.json": inference.openapi()}
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    """Write the OpenAPI documents of the HTTP APIs into a folder."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, document in openapi_documents(_settings(args)).items():
+        (out / name).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        print(out / name)
+    return 0
+
+
 class _closing:
     def __init__(self, client) -> None:
         self.client = client
@@ -341,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=5)
     _add_client_options(demo)
     demo.set_defaults(func=cmd_demo)
+
+    openapi = sub.add_parser("openapi", help="write the OpenAPI documents of the HTTP APIs")
+    openapi.add_argument("--out", default="docs/openapi", help="folder (default docs/openapi)")
+    openapi.set_defaults(func=cmd_openapi)
     return parser
 
 

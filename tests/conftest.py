@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from mlaas4hep.platform.cluster import free_port
+
+__all__ = ["free_port"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -41,11 +45,15 @@ def platform_home() -> Path:
 
 @pytest.fixture(scope="session")
 def platform_settings(platform_home: Path):
-    """Settings of the session's platform: free loopback ports, storage in the temp home."""
+    """Settings of the session's platform: free loopback ports, storage in the temp home.
+
+    Six logical CPUs: the session keeps extra Serve test applications alive while two
+    Train workers and Ray Data tasks must still be placed.
+    """
     from mlaas4hep.platform.settings import load_settings
 
     return load_settings(
-        port=free_port(), ray_port=free_port(), dashboard_port=free_port(), num_cpus=4
+        port=free_port(), ray_port=free_port(), dashboard_port=free_port(), num_cpus=6
     )
 
 
@@ -65,15 +73,6 @@ def ray_cluster(platform_settings):
     yield ray
     ray.shutdown()
     stop_head(platform_settings, keep_logs=False)
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,6 +109,13 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def default_num_cpus() -> int:
     """Logical CPUs for the local head.
 
@@ -120,6 +128,16 @@ def default_num_cpus() -> int:
 def _ray_cli() -> str:
     candidate = Path(sys.executable).parent / "ray"
     return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def ray_temp_dir(settings: Settings) -> Path:
+    """Ray's temp folder for this head.
+
+    One per head: Ray's job supervisor finds "its" cluster through ``ray_current_cluster``
+    in the temp folder, so two heads sharing ``/tmp/ray`` would run each other's jobs.
+    Kept short, as Ray puts Unix sockets below it.
+    """
+    return Path(tempfile.gettempdir()) / f"mlaas4hep-ray-{settings.ray_port}"
 
 
 def head_is_running(state: HeadState | None) -> bool:
@@ -153,7 +171,14 @@ def start_head(settings: Settings, timeout: float = 120.0) -> HeadState:
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={settings.dashboard_port}",
         f"--num-cpus={num_cpus}",
+        f"--temp-dir={ray_temp_dir(settings)}",
         "--disable-usage-stats",
+        # Ray's fixed default ports for these would clash with any other head on the machine.
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
     ]
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.state_dir / "ray-start.log"
@@ -243,12 +268,5 @@ def stop_head(settings: Settings, timeout: float = 20.0, keep_logs: bool = True)
     psutil.wait_procs(alive, timeout=5)
     HeadState.path(settings).unlink(missing_ok=True)
     if not keep_logs:
-        _remove_session(Path(state.session_dir))
+        shutil.rmtree(Path(state.session_dir).parent, ignore_errors=True)
     return bool(procs)
-
-
-def _remove_session(session_dir: Path) -> None:
-    latest = session_dir.parent / "session_latest"
-    if latest.is_symlink() and Path(os.readlink(latest)) == session_dir:
-        latest.unlink(missing_ok=True)
-    shutil.rmtree(session_dir, ignore_errors=True)

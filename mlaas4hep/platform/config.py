@@ -137,6 +137,9 @@ class TrainingSpec(BaseModel):
     early_stopping_patience: int = Field(
         default=0, ge=0, description="Stop after this many epochs without val_loss gain; 0: never"
     )
+    early_stopping_min_delta: float = Field(
+        default=0.0, ge=0.0, description="Smallest val_loss decrease that counts as a gain"
+    )
     class_weights: dict[int, float] | None = Field(
         default=None, description="Loss weight of each class label, e.g. {0: 1.0, 1: 5.0}"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,9 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from mlaas4hep.platform.cluster import ray_token
 from mlaas4hep.platform.runs import check_run_id
+
+#: How long a submission waits for a freshly started head's job agent.
+AGENT_WAIT_SECONDS = 60.0
 
 #: Ray job states mapped to run states.
 JOB_TO_RUN_STATE = {
@@ -70,13 +74,21 @@ class PipelineJobs:
     ) -> str:
         """Start the pipeline's Ray Job; return its job id (the run id)."""
         runtime_env: dict[str, Any] = {"env_vars": {"TF_USE_LEGACY_KERAS": "1", **(env_vars or {})}}
-        return self.client.submit_job(
-            entrypoint=pipeline_entrypoint(spec_uri, run_id, owner),
-            submission_id=run_id,
-            metadata={"owner": owner, "run_id": run_id, "app": "mlaas4hep"},
-            runtime_env=runtime_env,
-            entrypoint_resources=entrypoint_resources,
-        )
+        deadline = time.monotonic() + AGENT_WAIT_SECONDS
+        while True:
+            try:
+                return self.client.submit_job(
+                    entrypoint=pipeline_entrypoint(spec_uri, run_id, owner),
+                    submission_id=run_id,
+                    metadata={"owner": owner, "run_id": run_id, "app": "mlaas4hep"},
+                    runtime_env=runtime_env,
+                    entrypoint_resources=entrypoint_resources,
+                )
+            except RuntimeError as error:
+                # A head that has just started answers this until its job agent registers.
+                if "No available agent" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def view(self, job_id: str) -> JobView | None:
         """The job's state, or ``None`` when the Jobs API does not know it."""

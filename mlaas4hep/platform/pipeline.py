@@ -84,7 +84,12 @@ def _run_stages(
     from mlaas4hep.platform.specs import compute_specs
     from mlaas4hep.train.bundle import write_bundle
     from mlaas4hep.train.metrics import save_plots
-    from mlaas4hep.train.trainer import check_resources, split_dataset, train_model
+    from mlaas4hep.train.trainer import (
+        check_resources,
+        remove_model_dir,
+        split_dataset,
+        train_model,
+    )
 
     runs.update(run_id, state=RunState.RUNNING, stage="checking inputs", started=now_iso())
     logger.info("run %s: model %r for %s", run_id, spec.name, owner)
@@ -93,10 +98,10 @@ def _run_stages(
     logger.info("inputs: %s", summary)
 
     runs.update(run_id, stage="specs pass")
-    events = read_events(spec)
+    events = read_events(spec, summary)
     specs = compute_specs(events, spec)
     storage.write_json(specs.to_dict(), "runs", run_id, "specs.json")
-    logger.info("specs: %d events, %d features", specs.events, specs.n_features)
+    logger.info("specs: %d events, %d features", specs.events["total"], specs.n_features)
 
     runs.update(run_id, stage="training", progress={"epoch": 0, "epochs": spec.epochs})
     flat = flatten_dataset(events, specs, spec)
@@ -131,7 +136,10 @@ def _run_stages(
         version = ModelRegistry(storage).register(spec.name, bundle, owner=owner)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    summary_metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+        remove_model_dir(result)
+    summary_metrics = {
+        f"test_{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)
+    }
     logger.info(
         "registered %s version %d; test metrics %s", spec.name, version.version, summary_metrics
     )

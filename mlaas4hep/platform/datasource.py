@@ -1,0 +1,203 @@
+"""A Ray Data datasource reading TTrees of ROOT files with uproot, local or over XRootD.
+
+:class:`RootDatasource` plans one read task per (file, entry range): ranges follow the
+tree's clusters (entry offsets where every branch starts a basket) so that no basket
+is decompressed twice, and hold at most ``chunk_size`` entries. Each task opens its
+file, reads only the branches it needs and yields one Arrow table with
+
+* one column per feature branch (scalars for flat branches, lists for jagged ones,
+  fixed-size lists for fixed-size arrays), in tree order;
+* the identifier branches;
+* ``label``: the file's label, or the value of ``label_branch``, as int64;
+* ``file_index``: the position of the file in the spec's list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from mlaas4hep.platform.config import PipelineSpec
+from mlaas4hep.platform.rootio import (
+    DEFAULT_TIMEOUT,
+    FILE_INDEX_COLUMN,
+    LABEL_COLUMN,
+    DataError,
+    FileSummary,
+    Handler,
+    InputsSummary,
+    inspect_inputs,
+    open_tree,
+    read_table,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def events_per_file(entries: Sequence[int], nevts: int) -> list[int]:
+    """Share ``nevts`` events among files in proportion to their entries (-1 = all).
+
+    As MLaaS4HEP does, every file contributes at least one event and never more
+    than it holds.
+    """
+    if nevts < 0:
+        return list(entries)
+    total = sum(entries)
+    return [min(n, max(1, round(n / total * nevts))) for n in entries]
+
+
+def plan_ranges(clusters: Sequence[int], stop: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Split entries ``[0, stop)`` into ranges of at most ``chunk_size`` entries.
+
+    Range edges sit on cluster boundaries where the clusters allow it; a cluster
+    longer than ``chunk_size`` is cut into equal pieces.
+    """
+    edges = sorted({0, stop, *(c for c in clusters if 0 < c < stop)})
+    ranges: list[tuple[int, int]] = []
+    start = end = 0
+    for edge in edges[1:]:
+        if edge - start <= chunk_size:
+            end = edge
+            continue
+        if end > start:
+            ranges.append((start, end))
+            start = end
+        if edge - start > chunk_size:
+            pieces = math.ceil((edge - start) / chunk_size)
+            cuts = np.linspace(start, edge, pieces + 1).round().astype(int).tolist()
+            ranges.extend(itertools.pairwise(cuts))
+            start = edge
+        end = edge
+    if end > start:
+        ranges.append((start, end))
+    return ranges
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One read task's work: a range of entries of one file."""
+
+    file_index: int
+    path: str
+    label: int | None
+    start: int
+    stop: int
+    nbytes: int
+
+
+def _read_range(
+    chunk: _Chunk, summary: InputsSummary, timeout: float, handler: Handler = "auto"
+) -> pa.Table:
+    tree = open_tree(chunk.path, summary.tree, timeout, handler)
+    where = f"{chunk.path}: tree {summary.tree!r}"
+    return read_table(
+        tree, summary.reads, chunk.start, chunk.stop, where, summary.preproc, summary.columns
+    )
+
+
+def _read_chunk(chunk: _Chunk, summary: InputsSummary, timeout: float) -> Iterable[pa.Table]:
+    try:
+        table = _read_range(chunk, summary, timeout)
+    except DataError as error:
+        if not chunk.path.startswith("root://"):
+            raise
+        # XRootDSource is the fast path; a read it cannot serve gets one more try
+        # through uproot's fsspec handler before the task fails.
+        logger.warning("%s; retrying with the fsspec handler", error)
+        table = _read_range(chunk, summary, timeout, "fsspec")
+    label_branch = summary.label_branch.name if summary.label_branch else None
+    n = table.num_rows
+    if label_branch is None:
+        labels = pa.array(np.full(n, chunk.label, dtype=np.int64))
+    else:
+        labels = table.column(label_branch).cast(pa.int64(), safe=False)
+        table = table.drop_columns([label_branch])
+    table = table.append_column(LABEL_COLUMN, labels)
+    table = table.append_column(FILE_INDEX_COLUMN, pa.array(np.full(n, chunk.file_index, np.int32)))
+    yield table
+
+
+class RootDatasource(Datasource):
+    """Read the events of the checked inputs of a spec (see :func:`inspect_inputs`).
+
+    ``events`` gives the entries to read from the start of each file (default: all).
+    """
+
+    def __init__(
+        self,
+        summary: InputsSummary,
+        events: Sequence[int] | None = None,
+        chunk_size: int = 10_000,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.summary = summary
+        self.events = list(events) if events is not None else [f.entries for f in summary.files]
+        self.chunk_size = chunk_size
+        self.timeout = timeout
+        self.chunks = self._plan()
+
+    def _plan(self) -> list[_Chunk]:
+        chunks = []
+        for index, (info, count) in enumerate(zip(self.summary.files, self.events, strict=True)):
+            stop = min(count, info.entries)
+            for start, end in plan_ranges(info.clusters, stop, self.chunk_size):
+                nbytes = int(info.bytes_per_entry * (end - start))
+                chunks.append(_Chunk(index, info.path, info.label, start, end, nbytes))
+        return chunks
+
+    def get_name(self) -> str:
+        return "ReadROOT"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return sum(chunk.nbytes for chunk in self.chunks)
+
+    def _task(self, chunk: _Chunk, per_task_row_limit: int | None) -> ReadTask:
+        # Each task carries what reading needs, not the file list with every cluster.
+        summary, timeout = dataclasses.replace(self.summary, files=[]), self.timeout
+        metadata = BlockMetadata(
+            num_rows=chunk.stop - chunk.start,
+            size_bytes=int(chunk.nbytes),
+            exec_stats=None,
+            input_files=[chunk.path],
+        )
+        return ReadTask(
+            lambda: _read_chunk(chunk, summary, timeout),
+            metadata,
+            per_task_row_limit=per_task_row_limit,
+        )
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, **kwargs
+    ) -> list[ReadTask]:
+        """One task per planned chunk; ``parallelism`` is a hint the plan already meets."""
+        return [self._task(chunk, per_task_row_limit) for chunk in self.chunks]
+
+
+def read_events(
+    spec: PipelineSpec, summary: InputsSummary | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> ray.data.Dataset:
+    """Return the events of ``spec``'s files as a Ray Dataset (see the module docstring).
+
+    ``summary`` is the result of :func:`inspect_inputs`, computed when not given.
+    ``spec.nevts`` events are shared among the files in proportion to their sizes.
+    """
+    summary = summary or inspect_inputs(spec, timeout)
+    files: list[FileSummary] = summary.files
+    events = events_per_file([f.entries for f in files], spec.nevts)
+    source = RootDatasource(summary, events, spec.chunk_size, timeout)
+    # One block per planned chunk: Ray would otherwise split them to reach its default
+    # parallelism, and the specs pass would pay per extra block.
+    return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.chunks)))

@@ -1,0 +1,193 @@
+"""Flattening: events with jagged branches → one fixed-width float32 row per event.
+
+Given :class:`~mlaas4hep.platform.specs.FeatureSpecs`, an event becomes the row
+
+    [flat keys in tree order] + [key_0 … key_{jdim-1} for each jagged key]
+
+Each value ``v`` of branch ``key`` is normalized to ``(v - min) / (max - min)`` with
+the specs' ``minv``/``maxv`` (left unchanged where ``max == min``, or where the branch
+never had a value). A jagged list shorter than ``jdim`` is padded with ``pad``
+(the spec's ``nan``, NaN by default) and a longer one is truncated to its first
+``jdim`` values.
+
+Beside the features comes a ``mask`` of the same shape: **1 marks a padded slot**,
+0 a slot holding a value of the event (MLaaS4HEP's reader computes it as
+``isnan(row)``, which is the same thing for NaN padding).
+
+The model does not see NaNs: :func:`to_model_input` turns them into 0.0, as
+MLaaS4HEP's training loop does (``x_train[np.isnan(x_train)] = 0``); the mask is
+kept beside the features and is not fed to the model.
+
+Flattening is vectorized: each column is written into one preallocated float32
+matrix with numpy gathers, no Python loop over events.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from mlaas4hep.platform.columns import Column, as_column
+from mlaas4hep.platform.config import PipelineSpec
+from mlaas4hep.platform.rootio import LABEL_COLUMN, DataError
+from mlaas4hep.platform.specs import FeatureSpecs
+
+if TYPE_CHECKING:
+    import ray.data
+
+FEATURES_COLUMN = "features"
+MASK_COLUMN = "mask"
+
+
+def _normalize(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    values = values.astype(np.float64, copy=False)
+    if low >= high:
+        return values
+    return (values - low) / (high - low)
+
+
+def _column(columns: Mapping[str, Any], key: str, n: int | None) -> Column:
+    if key not in columns:
+        raise DataError(f"branch {key!r} missing from the input")
+    column = as_column(columns[key], key)
+    if n is not None and column.num_events != n:
+        raise DataError(f"branch {key!r}: {column.num_events} events where others have {n}")
+    return column
+
+
+def _as_list(column: Column) -> Column:
+    """A jagged key given one number per event: a list of one value each."""
+    if column.is_list:
+        return column
+    return Column(column.values, np.arange(len(column.values) + 1, dtype=np.int64))
+
+
+def flatten_columns(
+    columns: Mapping[str, Any], specs: FeatureSpecs, pad: float = math.nan
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten a block of events given as a mapping of branch name to values.
+
+    Values may be Arrow, numpy, awkward arrays or Python lists (see
+    :func:`~mlaas4hep.platform.columns.as_column`). Returns ``(features, mask)``:
+    float32 and uint8 matrices of shape ``[n_events, specs.n_features]``, mask 1 where
+    a slot is padded. Raises :class:`DataError` naming a missing or unusable branch.
+    """
+    keys = [*specs.fkeys, *specs.jkeys]
+    n = _column(columns, keys[0], None).num_events if keys else 0
+    features = np.empty((n, specs.n_features), dtype=np.float32)
+    mask = np.zeros((n, specs.n_features), dtype=np.uint8)
+
+    for col, key in enumerate(specs.fkeys):
+        column = _column(columns, key, n)
+        if column.is_list:
+            raise DataError(f"branch {key!r}: expected one number per event, got lists")
+        features[:, col] = _normalize(column.values, specs.minv[key], specs.maxv[key])
+
+    col = len(specs.fkeys)
+    for key in specs.jkeys:
+        dim = specs.jdim[key]
+        if dim == 0:
+            continue
+        column = _as_list(_column(columns, key, n))
+        values = _normalize(column.values, specs.minv[key], specs.maxv[key])
+        slots = np.arange(dim)
+        valid = slots[None, :] < column.lengths[:, None]
+        if values.size:
+            index = np.minimum(column.offsets[:-1, None] + slots[None, :], values.size - 1)
+            features[:, col : col + dim] = np.where(valid, values[index], pad)
+        else:
+            features[:, col : col + dim] = pad
+        mask[:, col : col + dim] = ~valid
+        col += dim
+    return features, mask
+
+
+def to_model_input(features: np.ndarray) -> np.ndarray:
+    """What the Keras model consumes: the features with every NaN replaced by 0.0."""
+    features = np.asarray(features, dtype=np.float32)
+    return np.where(np.isnan(features), np.float32(0.0), features)
+
+
+def _flatten_batch(
+    batch: pa.Table, specs: FeatureSpecs, pad: float, identifiers: Sequence[str]
+) -> dict[str, np.ndarray]:
+    columns = {name: batch.column(name) for name in batch.column_names}
+    features, mask = flatten_columns(columns, specs, pad)
+    out = {
+        FEATURES_COLUMN: features,
+        MASK_COLUMN: mask,
+        LABEL_COLUMN: batch.column(LABEL_COLUMN).to_numpy().astype(np.float32),
+    }
+    for name in identifiers:
+        out[name] = batch.column(name).to_numpy()
+    return out
+
+
+def flatten_dataset(
+    ds: ray.data.Dataset, specs: FeatureSpecs, spec: PipelineSpec
+) -> ray.data.Dataset:
+    """Flatten every block of ``ds`` (as made by ``read_events``).
+
+    Returns a dataset with columns ``features`` (float32 tensors of
+    ``specs.n_features``, padded with ``spec.nan``), ``mask`` (uint8, 1 = padded),
+    ``label`` (float32) and the identifier branches. Apply :func:`to_model_input`
+    to ``features`` before feeding a model.
+    """
+    return ds.map_batches(
+        _flatten_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        zero_copy_batch=True,
+        fn_kwargs={"specs": specs, "pad": spec.nan, "identifiers": list(spec.identifier)},
+    )
+
+
+def _is_one_event(events: Mapping[str, Any], specs: FeatureSpecs) -> bool:
+    if specs.fkeys and specs.fkeys[0] in events:
+        return np.ndim(events[specs.fkeys[0]]) == 0
+    for key in specs.jkeys:
+        value = events.get(key)
+        if isinstance(value, list | tuple | np.ndarray):
+            return all(np.ndim(item) == 0 for item in value)
+    return True
+
+
+def _rows_to_columns(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, list]:
+    columns: dict[str, list] = {key: [] for key in keys}
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"event {i}: expected a mapping of branch name to value")
+        for key in keys:
+            if key not in row:
+                raise DataError(f"event {i}: branch {key!r} missing")
+            columns[key].append(row[key])
+    return columns
+
+
+def flatten_events(
+    events: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    specs: FeatureSpecs,
+    pad: float = math.nan,
+) -> np.ndarray:
+    """Flatten raw physics events the way training data was flattened.
+
+    ``events`` is one event (branch → number, or list of numbers for a jagged branch),
+    a mapping of branch → per-event values, or a list of one-event mappings.
+    Returns the float32 features ``[n_events, specs.n_features]``, padded with ``pad``;
+    apply :func:`to_model_input` before feeding the model.
+    """
+    keys = [*specs.fkeys, *specs.jkeys]
+    if isinstance(events, Mapping):
+        if _is_one_event(events, specs):
+            columns: Mapping[str, Any] = {k: [events[k]] for k in keys if k in events}
+        else:
+            columns = events
+    elif isinstance(events, Sequence) and not isinstance(events, str | bytes):
+        columns = _rows_to_columns(events, keys)
+    else:
+        raise DataError("events must be a mapping of branch name to values, or a list of them")
+    return flatten_columns(columns, specs, pad)[0]

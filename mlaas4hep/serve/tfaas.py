@@ -1,0 +1,663 @@
+"""TFaaS-compatible inference service on Ray Serve (plus KServe v2 routes).
+
+Two deployments: :class:`TFaaSIngress` (FastAPI, token-gated routes, model lookup in
+storage on every request) and :class:`~mlaas4hep.serve.model_server.ModelServer`
+(bundles loaded lazily per replica, dynamic batching). Routes follow TFaaS::
+
+    POST /json, /predict/json     {"keys": [...], "values": [...] | [[...], ...], "model": "m"}
+    POST /events, /predict/events {"events": {branch: value(s)} | [...], "model": "m"}: raw
+                                  physics events, flattened with the bundle's specs.json
+    POST /proto, /predict/proto   tfaaspb.Row -> tfaaspb.Predictions
+    POST /upload, /bundle         multipart name/params/model/labels, or a gzip tarball body
+    GET  /models, /params/{model}, /params;  POST /params (the caller's default model)
+    DELETE /delete (form or query field ``model``), /delete/{model}
+    GET  /status                  no token needed
+
+A model is named ``"name"`` (latest version) or ``"name/versions/N"``. Run with::
+
+    serve run mlaas4hep.serve.tfaas:build_tfaas_app
+"""
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import os
+import posixpath
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import psutil
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+
+from mlaas4hep.platform.auth import Principal, TokenValidator
+from mlaas4hep.platform.registry import (
+    ModelNameTaken,
+    ModelNotFound,
+    ModelRecord,
+    ModelRegistry,
+    RegistryError,
+)
+from mlaas4hep.platform.settings import Settings, load_settings
+from mlaas4hep.platform.storage import Storage
+from mlaas4hep.serve import kserve, tfaas_pb2
+from mlaas4hep.serve.bundle import (
+    BundleError,
+    InputError,
+    UploadLimits,
+    check_bundle_dir,
+    extract_tarball,
+    normalize_params,
+    parse_params,
+    read_tree,
+    to_matrix,
+    write_params,
+)
+from mlaas4hep.serve.errors import ApiError, install_error_handlers
+from mlaas4hep.serve.model_server import ModelServer, make_model_id
+from mlaas4hep.serve.security import principal_dependency
+
+ENV_PREFIX = "MLAAS4HEP_TFAAS_"
+_VERSION_REF = re.compile(r"^(?P<name>[^/@]+)(?:/versions/(?P<version>[^/]+))?$")
+
+
+class TFaaSOptions(BaseModel):
+    """Options of the inference service; each has an ``MLAAS4HEP_TFAAS_<NAME>`` variable."""
+
+    base_path: str = Field(default="", description="Prefix of every route, e.g. /tfaas")
+    max_upload_bytes: int = Field(default=512 * 1024**2, gt=0)
+    max_member_bytes: int = Field(default=512 * 1024**2, gt=0)
+    ingress_min_replicas: int = Field(default=1, ge=1)
+    ingress_max_replicas: int = Field(default=2, ge=1)
+    model_min_replicas: int = Field(default=1, ge=1)
+    model_max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    ingress_cpus: float = Field(default=0.1, gt=0)
+    model_cpus: float = Field(default=0.25, gt=0)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "TFaaSOptions":
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            env = os.environ.get(ENV_PREFIX + name.upper())
+            if env:
+                values[name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)
+
+    @property
+    def prefix(self) -> str:
+        path = self.base_path.strip().strip("/")
+        return f"/{path}" if path else ""
+
+    @property
+    def limits(self) -> UploadLimits:
+        return UploadLimits(max_bytes=self.max_upload_bytes, max_member_bytes=self.max_member_bytes)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def remote_cause(error: BaseException) -> BaseException:
+    """The exception a deployment raised, unwrapped from Ray's task error."""
+    return getattr(error, "cause", None) or error
+
+
+def api_error_of(error: BaseException) -> ApiError | None:
+    """The client-facing answer to a known error of storage, bundles or inputs."""
+    cause = remote_cause(error)
+    if isinstance(cause, ModelNotFound):
+        return ApiError(404, str(cause))
+    if isinstance(cause, ModelNameTaken):
+        return ApiError(409, str(cause))
+    if isinstance(cause, InputError | BundleError | RegistryError):
+        return ApiError(400, str(cause))
+    return None
+
+
+class TFaaSService:
+    """Model lookup, access control and prediction shared by the TFaaS and KServe routes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: TFaaSOptions,
+        model_server: DeploymentHandle | None,
+        validator: TokenValidator | None = None,
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.registry = ModelRegistry(Storage(settings.storage))
+        self.model_server = model_server
+        self.validator = validator or TokenValidator.from_settings(settings)
+        self.user = principal_dependency(self.validator, "use")
+        self.started = time.time()
+        self.counts = {"GET": 0, "POST": 0, "DELETE": 0}
+
+    @property
+    def storage(self) -> Storage:
+        return self.registry.storage
+
+    # -- lookup ---------------------------------------------------------------
+
+    @staticmethod
+    def parse_ref(ref: str) -> tuple[str, int | None]:
+        """``(name, version)`` of ``"name"`` or ``"name/versions/N"``."""
+        match = _VERSION_REF.match(ref.strip()) if isinstance(ref, str) else None
+        if match is None:
+            raise ApiError(400, f"invalid model {ref!r}: use 'name' or 'name/versions/N'")
+        version = match["version"]
+        if version is not None and not version.isdigit():
+            raise ApiError(400, f"invalid model version {version!r} in {ref!r}")
+        return match["name"], None if version is None else int(version)
+
+    @staticmethod
+    def may_use(record: ModelRecord, principal: Principal) -> bool:
+        if principal.is_admin or record.owner == principal.owner:
+            return True
+        if record.visibility == "public":
+            return True
+        return record.visibility == "group" and principal.in_groups(record.groups)
+
+    @classmethod
+    def check_access(cls, record: ModelRecord, principal: Principal, write: bool = False) -> None:
+        """ApiError 403 unless ``principal`` may use ``record`` (own it, when ``write``)."""
+        owner = principal.is_admin or record.owner == principal.owner
+        if not (owner if write else cls.may_use(record, principal)):
+            raise ApiError(403, f"model {record.name!r} belongs to another user")
+
+    def _record(self, name: str) -> ModelRecord:
+        try:
+            return self.registry.record(name)
+        except RegistryError as error:
+            raise api_error_of(error) or ApiError(404, str(error)) from None
+
+    async def record(self, name: str, principal: Principal, write: bool = False) -> ModelRecord:
+        """The record of ``name`` if ``principal`` may use it (own it, when ``write``)."""
+        record = await asyncio.to_thread(self._record, name)
+        self.check_access(record, principal, write)
+        return record
+
+    async def resolve(self, ref: str, principal: Principal) -> tuple[str, int, str]:
+        """``(name, version, multiplexed model id)`` of a model reference, read from storage."""
+        name, version = self.parse_ref(ref)
+        record, version, stamp = await asyncio.to_thread(self._lookup, name, version)
+        self.check_access(record, principal)
+        return name, version, make_model_id(name, version, stamp)
+
+    def _lookup(self, name: str, version: int | None) -> tuple[ModelRecord, int, str]:
+        """Record, version and stamp of ``name`` in one storage round (one thread hop)."""
+        record = self._record(name)
+        version = record.latest if version is None else version
+        if version not in record.versions:
+            raise ApiError(404, f"model {name!r} has no version {version}")
+        return record, version, self._stamp(name, version)
+
+    def _stamp(self, name: str, version: int) -> str:
+        """A token that changes when the version folder is replaced (delete + re-upload)."""
+        try:
+            info = self.storage.fs.info(
+                self.storage.path("models", name, str(version), "params.json")
+            )
+        except FileNotFoundError:
+            raise ApiError(404, f"model {name!r} has no version {version}") from None
+        for key in ("mtime", "LastModified", "ETag", "created"):
+            if info.get(key) is not None:
+                return str(info[key])
+        return ""
+
+    def default_model(self, principal: Principal) -> str:
+        """The model set with ``POST /params`` by the caller."""
+        try:
+            params = self.storage.read_json("uploads", principal.owner, "tfaas", "params.json")
+        except FileNotFoundError:
+            raise ApiError(
+                400, "no 'model' given and no default model set (POST /params)"
+            ) from None
+        return params["name"]
+
+    # -- model server calls ---------------------------------------------------
+
+    async def call(self, model_id: str | None, method: str, *args: Any) -> Any:
+        """``method(*args)`` on a model server replica, for model ``model_id`` if given."""
+        if self.model_server is None:
+            raise ApiError(503, "no model server is configured")
+        handle = self.model_server
+        if model_id is not None:
+            handle = handle.options(multiplexed_model_id=model_id)
+        try:
+            return await getattr(handle, method).remote(*args)
+        except Exception as error:
+            known = api_error_of(error)
+            if known is None:
+                raise
+            raise known from None
+
+    async def predict(
+        self, ref: str, matrix: np.ndarray, keys: list[str] | None, principal: Principal
+    ) -> tuple[str, int, np.ndarray]:
+        name, version, model_id = await self.resolve(ref, principal)
+        return name, version, await self.call(model_id, "predict", matrix, keys)
+
+    async def predict_events(
+        self, ref: str, events: Any, principal: Principal
+    ) -> tuple[str, int, np.ndarray]:
+        name, version, model_id = await self.resolve(ref, principal)
+        return name, version, await self.call(model_id, "predict_events", events)
+
+    async def describe(self, ref: str, principal: Principal) -> dict[str, Any]:
+        _, _, model_id = await self.resolve(ref, principal)
+        return await self.call(model_id, "describe")
+
+    # -- registry changes -----------------------------------------------------
+
+    async def publish(
+        self, bundle: Path, params: dict[str, Any], principal: Principal, visibility: str
+    ) -> dict[str, Any]:
+        """Check that the bundle loads, then register it as the next version."""
+        name = params["name"]
+        if visibility not in ("private", "group", "public"):
+            raise ApiError(400, f"visibility {visibility!r}: use private, group or public")
+        if not params.get("timestamp"):
+            params["timestamp"] = _now()
+        write_params(bundle, params)
+        metadata = bundle / "metadata.json"
+        if not metadata.is_file():
+            metadata.write_text(json.dumps({"owner": principal.owner, "uploaded": _now()}))
+        try:
+            existing = await asyncio.to_thread(self.registry.record, name)
+        except ModelNotFound:
+            existing = None
+        if existing is not None and existing.owner != principal.owner:
+            # refuse before loading the bundle; register() checks again when it writes
+            raise ApiError(409, f"model name {name!r} belongs to another user")
+        files = await asyncio.to_thread(read_tree, bundle)
+        await self.call(None, "check_bundle", files, name)
+        try:
+            entry = await asyncio.to_thread(
+                self.registry.register,
+                name,
+                bundle,
+                principal.owner,
+                visibility,  # type: ignore[arg-type]
+                list(principal.groups) if visibility == "group" else None,
+            )
+        except RegistryError as error:
+            raise api_error_of(error) or ApiError(400, str(error)) from None
+        return {"name": name, "version": entry.version, "visibility": visibility}
+
+    async def delete(self, ref: str, principal: Principal) -> dict[str, Any]:
+        name, version = self.parse_ref(ref)
+        await self.record(name, principal, write=True)
+        try:
+            await asyncio.to_thread(self.registry.delete, name, version)
+        except RegistryError as error:
+            raise api_error_of(error) or ApiError(404, str(error)) from None
+        return {"deleted": name, "version": version}
+
+    async def params_of(self, ref: str, principal: Principal) -> dict[str, Any]:
+        name, version, _ = await self.resolve(ref, principal)
+        params = await asyncio.to_thread(
+            self.storage.read_json, "models", name, str(version), "params.json"
+        )
+        return normalize_params(params)
+
+    async def list_models(self, principal: Principal) -> list[dict[str, Any]]:
+        records = await asyncio.to_thread(self.registry.list_records)
+        out = []
+        for record in records:
+            if not self.may_use(record, principal):
+                continue
+            try:
+                params = await asyncio.to_thread(
+                    self.storage.read_json, "models", record.name, str(record.latest), "params.json"
+                )
+                params = normalize_params(params)
+            except (FileNotFoundError, ValueError):
+                continue  # deleted or replaced while listing
+            params.update(
+                name=record.name,
+                version=record.latest,
+                versions=record.versions,
+                owner=record.owner,
+                visibility=record.visibility,
+            )
+            out.append(params)
+        return out
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def rows_response(out: np.ndarray, single_row: bool) -> list[Any]:
+    """TFaaS answer: one row -> its output vector; rows -> a float (or a list) per row."""
+    if single_row:
+        return out[0].tolist()
+    if out.shape[1] == 1:
+        return out[:, 0].tolist()
+    return out.tolist()
+
+
+def output_labels(labels: list[str], n_outputs: int) -> list[str]:
+    """Label of each model output: one label an output, or for a single (sigmoid) output
+    the last label (the positive class of ``background, signal``); else no labels."""
+    if len(labels) == n_outputs:
+        return labels
+    if n_outputs == 1 and labels:
+        return labels[-1:]
+    return [""] * n_outputs
+
+
+async def json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"request body is not valid JSON: {error}") from None
+
+
+def check_keys(keys: Any) -> list[str] | None:
+    if keys is None:
+        return None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ApiError(400, "'keys' must be a list of strings")
+    return keys
+
+
+def _form_text(form: Any, field: str) -> str | None:
+    value = form.get(field)
+    if value is None:
+        return None
+    if isinstance(value, UploadFile):
+        raise ApiError(400, f"upload form field {field!r} must be text, not a file")
+    return str(value).strip()
+
+
+async def _form_file(form: Any, field: str) -> tuple[str, bytes] | None:
+    """``(file name, content)`` of a form field (a file or text), None when absent."""
+    value = form.get(field)
+    if value is None:
+        return None
+    if isinstance(value, UploadFile):
+        return posixpath.basename((value.filename or field).replace("\\", "/")), await value.read()
+    return field, str(value).encode()
+
+
+async def _required_file(form: Any, field: str) -> tuple[str, bytes]:
+    item = await _form_file(form, field)
+    if item is None:
+        raise ApiError(400, f"upload form lacks the {field!r} file")
+    return item
+
+
+def _safe_file_name(name: str, field: str) -> str:
+    if not name or name in (".", "..") or "/" in name or name.startswith("."):
+        raise ApiError(400, f"upload {field!r}: invalid file name {name!r}")
+    return name
+
+
+async def _form_bundle(request: Request, tmp: Path) -> tuple[Path, dict[str, Any], str]:
+    """Write a multipart upload (name, params, model, labels[, specs, metadata]) to ``tmp``."""
+    try:
+        form = await request.form(max_files=8, max_fields=16)
+    except Exception as error:
+        raise ApiError(400, f"invalid multipart upload: {error}") from None
+    name = _form_text(form, "name")
+    if not name:
+        raise ApiError(400, "upload form lacks the model 'name'")
+    _, params_data = await _required_file(form, "params")
+    raw = parse_params(params_data, "params")
+    if raw["name"] != name:
+        raise ApiError(
+            400, f"params.json names model {raw['name']!r} but the upload 'name' is {name!r}"
+        )
+    model_name, model_data = await _required_file(form, "model")
+    if request.headers.get("content-encoding", "").lower() == "base64":
+        try:
+            model_data = base64.b64decode(model_data, validate=True)
+        except ValueError:
+            raise ApiError(400, "upload 'model' is not valid base64") from None
+    if not json.loads(params_data).get("model"):  # params name no file: keep the upload's name
+        raw["model"] = _safe_file_name(model_name, "model")
+    (tmp / raw["model"]).parent.mkdir(parents=True, exist_ok=True)
+    (tmp / raw["model"]).write_bytes(model_data)
+    labels = await _form_file(form, "labels")
+    if labels is not None:
+        (tmp / raw["labels"]).write_bytes(labels[1])
+    for extra in ("specs", "metadata"):
+        item = await _form_file(form, extra)
+        if item is not None:
+            (tmp / f"{extra}.json").write_bytes(item[1])
+    write_params(tmp, raw)
+    visibility = _form_text(form, "visibility") or "private"
+    return tmp, check_bundle_dir(tmp, name), visibility
+
+
+def build_router(service: "TFaaSService") -> APIRouter:
+    """The TFaaS routes of ``service`` (without the base path)."""
+    router = APIRouter()
+    User = Annotated[Principal, Depends(service.user)]
+    limits = service.options.limits
+
+    def model_ref(body: dict[str, Any], principal: Principal) -> str:
+        ref = body.get("model") or service.default_model(principal)
+        if not isinstance(ref, str):
+            raise ApiError(400, "'model' must be a string")
+        return ref
+
+    async def predict_json(request: Request, principal: User) -> Any:
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object with 'keys', 'values', 'model'")
+        matrix = to_matrix(body.get("values"))
+        ref = model_ref(body, principal)
+        _, _, out = await service.predict(ref, matrix, check_keys(body.get("keys")), principal)
+        single = not isinstance(body["values"][0], list)
+        return JSONResponse(rows_response(out, single))
+
+    async def predict_events(request: Request, principal: User) -> Any:
+        body = await json_body(request)
+        if not isinstance(body, dict) or "events" not in body:
+            raise ApiError(400, "request body must be a JSON object with 'events' and 'model'")
+        ref = model_ref(body, principal)
+        _, _, out = await service.predict_events(ref, body["events"], principal)
+        return JSONResponse(rows_response(out, single_row=False))
+
+    async def predict_proto(request: Request, principal: User) -> Response:
+        raw = await request.body()
+        try:
+            row = tfaas_pb2.Row.FromString(raw)
+        except Exception:
+            raise ApiError(400, "request body is not a protobuf tfaaspb.Row") from None
+        if not row.value:
+            raise ApiError(400, "tfaaspb.Row has no values")
+        matrix = np.asarray([list(row.value)], dtype=np.float32)
+        matrix = np.nan_to_num(matrix, nan=0.0)
+        ref = row.model or service.default_model(principal)
+        _, _, out = await service.predict(ref, matrix, list(row.key) or None, principal)
+        labels = (await service.describe(ref, principal))["labels"]
+        names = output_labels(labels, out.shape[1])
+        answer = tfaas_pb2.Predictions(
+            prediction=[
+                tfaas_pb2.Class(label=label, probability=float(p))
+                for label, p in zip(names, out[0], strict=True)
+            ]
+        )
+        return Response(answer.SerializeToString(), media_type="application/octet-stream")
+
+    for path in ("/json", "/predict/json"):
+        router.add_api_route(path, predict_json, methods=["POST"])
+    for path in ("/events", "/predict/events"):
+        router.add_api_route(path, predict_events, methods=["POST"])
+    for path in ("/proto", "/predict/proto"):
+        router.add_api_route(path, predict_proto, methods=["POST"])
+
+    async def upload(request: Request, principal: User) -> Any:
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > limits.max_bytes:
+            raise ApiError(413, f"upload of {size} bytes is over the limit of {limits.max_bytes}")
+        with tempfile.TemporaryDirectory(prefix="mlaas4hep-upload-") as tmp:
+            ctype = request.headers.get("content-type", "").lower()
+            if "multipart/form-data" in ctype:
+                bundle, params, visibility = await _form_bundle(request, Path(tmp))
+            else:
+                body = await request.body()
+                if len(body) > limits.max_bytes:
+                    raise ApiError(413, f"upload is over the limit of {limits.max_bytes} bytes")
+                bundle = await asyncio.to_thread(extract_tarball, body, Path(tmp), limits)
+                name = request.query_params.get("name")
+                params = check_bundle_dir(bundle, name)
+                visibility = request.query_params.get("visibility", "private")
+            return await service.publish(bundle, params, principal, visibility)
+
+    router.add_api_route("/upload", upload, methods=["POST"])
+    router.add_api_route("/bundle", upload, methods=["POST"])
+
+    @router.get("/models")
+    async def models(principal: User) -> Any:
+        return await service.list_models(principal)
+
+    @router.get("/params")
+    async def default_params(principal: User) -> Any:
+        return await service.params_of(service.default_model(principal), principal)
+
+    @router.get("/params/{model:path}")
+    async def params(model: str, principal: User) -> Any:
+        return await service.params_of(model, principal)
+
+    @router.post("/params")
+    async def set_params(request: Request, principal: User) -> Any:
+        try:
+            params = normalize_params(await json_body(request), "params")
+        except BundleError as error:
+            raise ApiError(400, str(error)) from None
+        if not params["name"]:
+            raise ApiError(400, "params: 'name' names the default model and is required")
+        await service.resolve(params["name"], principal)
+        await asyncio.to_thread(
+            service.storage.write_json, params, "uploads", principal.owner, "tfaas", "params.json"
+        )
+        return params
+
+    async def delete(request: Request, principal: User) -> Any:
+        ref = request.query_params.get("model")
+        if not ref and "form" in request.headers.get("content-type", ""):
+            ref = _form_text(await request.form(), "model")
+        if not ref:
+            raise ApiError(400, "delete needs the 'model' form or query field")
+        return await service.delete(ref, principal)
+
+    router.add_api_route("/delete", delete, methods=["DELETE"])
+
+    @router.delete("/delete/{model:path}")
+    async def delete_path(model: str, principal: User) -> Any:
+        return await service.delete(model, principal)
+
+    @router.get("/status")
+    async def status() -> Any:
+        memory = psutil.virtual_memory()
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            replica = None
+        return {
+            "status": "ok",
+            "uptime": time.time() - service.started,
+            "replica": replica,
+            "getRequests": service.counts["GET"],
+            "postRequests": service.counts["POST"],
+            "deleteRequests": service.counts["DELETE"],
+            "Memory": {"Total": memory.total, "Used": memory.used, "UsedPercent": memory.percent},
+            "Load": list(os.getloadavg()),
+        }
+
+    return router
+
+
+def create_app(service: TFaaSService) -> FastAPI:
+    """The FastAPI app of the TFaaS and KServe v2 routes, under the optional base path."""
+    app = FastAPI(title="mlaas4hep inference (TFaaS + KServe v2)")
+    install_error_handlers(app)
+
+    @app.exception_handler(InputError)
+    @app.exception_handler(BundleError)
+    async def _bad_input(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Any) -> Any:
+        if request.method in service.counts:
+            service.counts[request.method] += 1
+        return await call_next(request)
+
+    prefix = service.options.prefix
+    app.include_router(build_router(service), prefix=prefix)
+    app.include_router(kserve.build_router(service), prefix=prefix)
+    return app
+
+
+# --------------------------------------------------------------------------- Serve
+
+
+@serve.ingress()
+class TFaaSIngress:
+    """Ingress deployment: builds the FastAPI app on the replica."""
+
+    def __init__(
+        self, settings: Settings, options: TFaaSOptions, model_server: DeploymentHandle
+    ) -> None:
+        self.service = TFaaSService(settings, options, model_server)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.service)
+
+
+def _deployment(cls: type, role: str, options: TFaaSOptions) -> Any:
+    """A Serve deployment of ``cls`` with the CPUs and replica range of ``role``
+    (``ingress`` or ``model``) in ``options``, autoscaled by ongoing requests."""
+    low = getattr(options, f"{role}_min_replicas")
+    return serve.deployment(
+        cls,
+        name=cls.__name__,
+        ray_actor_options={"num_cpus": getattr(options, f"{role}_cpus")},
+        max_ongoing_requests=128,  # >= the model server's batch size
+        autoscaling_config={
+            "min_replicas": low,
+            "initial_replicas": low,
+            "max_replicas": max(low, getattr(options, f"{role}_max_replicas")),
+            "target_ongoing_requests": options.target_ongoing_requests,
+        },
+    )
+
+
+def tfaas_application(
+    settings: Settings | None = None, options: TFaaSOptions | None = None
+) -> serve.Application:
+    """The TFaaS Serve application for ``settings`` and ``options``."""
+    settings = settings or load_settings()
+    options = options or TFaaSOptions.from_env()
+    model = _deployment(ModelServer, "model", options).bind(settings.storage)
+    return _deployment(TFaaSIngress, "ingress", options).bind(settings, options, model)
+
+
+def build_tfaas_app(settings: Settings | dict[str, Any] | None = None) -> serve.Application:
+    """Serve application builder (``mlaas4hep.serve.tfaas:build_tfaas_app``, route prefix /).
+
+    Takes :class:`Settings`, or the argument dict of ``serve run``/a Serve config whose
+    keys are settings or :class:`TFaaSOptions` fields.
+    """
+    if isinstance(settings, Settings):
+        return tfaas_application(settings)
+    args = dict(settings or {})
+    option_args = {k: args.pop(k) for k in list(args) if k in TFaaSOptions.model_fields}
+    return tfaas_application(load_settings(**args), TFaaSOptions.from_env(**option_args))
