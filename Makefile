@@ -5,9 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format down docs clean
+.PHONY: setup run test lint format down docs clean k8s-validate
 
-setup: $(STAMP)
+OIDC_PROVIDER := tests/oidc/node_modules/.package-lock.json
+
+setup: $(STAMP) $(OIDC_PROVIDER)
+
+# The real OIDC provider of the integration tests (npm oidc-provider, pinned in tests/oidc).
+$(OIDC_PROVIDER): tests/oidc/package.json tests/oidc/package-lock.json
+	cd tests/oidc && npm ci --no-audit --no-fund
 
 $(STAMP): pyproject.toml scripts/install-system-packages.sh
 	bash scripts/install-system-packages.sh
@@ -21,9 +27,14 @@ run: setup
 	$(BIN)/mlaas4hep up
 	$(BIN)/mlaas4hep demo
 
-## test: lint, then the whole test suite
-test: setup lint
+## test: lint, validate the Kubernetes manifests, then the whole test suite
+test: setup lint k8s-validate
 	$(BIN)/python -m pytest
+
+## k8s-validate: build every k8s/ overlay; check each object against the KubeRay CRDs
+## (../shared/kuberay-crds), the core Kubernetes schemas and the package's import paths
+k8s-validate: setup
+	$(BIN)/python -m mlaas4hep.platform.k8s k8s ../shared/kuberay-crds
 
 lint: setup
 	$(BIN)/ruff check mlaas4hep tests benchmarks

@@ -1,8 +1,8 @@
 """The ``mlaas4hep`` command.
 
 Platform: ``up``, ``down``, ``token``. Clients of the HTTP API: ``submit``, ``status``,
-``logs``, ``predict``, ``demo``. Pipeline and data: ``run`` (the Ray Job's entrypoint),
-``demo-data``.
+``logs``, ``resume``, ``predict``, ``demo``. Pipeline and data: ``run`` (the Ray Job's entrypoint),
+``specs``, ``flatten``, ``demo-data``, ``predict-files`` (batch scoring of ROOT files).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from pathlib import Path
 
 from mlaas4hep.platform.settings import Settings, load_settings
 
+# Read by Ray and TensorFlow when first imported, so set before any command imports them:
+# Ray's token authentication is always on, and Ray Train needs legacy Keras.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 
@@ -38,7 +41,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Start the embedded default: local Ray head, Serve apps, built-in issuer, storage."""
     import ray
 
-    from mlaas4hep.platform.cluster import port_open, ray_env, start_head
+    from mlaas4hep.platform.cluster import connect, port_open, ray_env, start_head
     from mlaas4hep.platform.storage import Storage
     from mlaas4hep.serve.apps import deploy
 
@@ -54,7 +57,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         from mlaas4hep.platform.issuer import builtin_issuer
 
         builtin_issuer(settings)  # creates the signing key before any replica reads it
-    ray.init(address=head.gcs_address, log_to_driver=False, logging_level="ERROR")
+    connect(head.gcs_address, log_to_driver=False, logging_level="ERROR")
     try:
         names = deploy(settings)
     finally:
@@ -77,6 +80,41 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     stopped = stop_head(_settings(args), keep_logs=not args.remove_logs)
     print("mlaas4hep is down" if stopped else "mlaas4hep was not running")
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    """Save an access token to ~/.mlaas4hep/token: from a variable, a file, or the issuer's
+    device authorization grant."""
+    from mlaas4hep.client import ClientError, device_login, save_token
+
+    settings = _settings(args)
+    try:
+        if args.from_env:
+            token = os.environ.get(args.from_env, "")
+            if not token.strip():
+                raise ClientError(f"environment variable {args.from_env} is empty or unset")
+        elif args.from_file:
+            token = Path(args.from_file).expanduser().read_text()
+        else:
+            issuer = args.issuer or (settings.oidc_issuer or [None])[0]
+            if not issuer or not args.client_id:
+                raise ClientError(
+                    "device login needs --issuer (or MLAAS4HEP_OIDC_ISSUER) and --client-id"
+                )
+
+            def show(answer: dict) -> None:
+                where = answer.get("verification_uri_complete") or answer.get("verification_uri")
+                print(f"open {where} and enter the code {answer.get('user_code')}", flush=True)
+
+            token = device_login(
+                issuer, args.client_id, args.client_secret, args.scope, show, resource=args.resource
+            )
+        path = save_token(settings, token)
+    except (ClientError, OSError) as error:
+        print(f"mlaas4hep login: {error}", file=sys.stderr)
+        return 1
+    print(f"token saved to {path}")
     return 0
 
 
@@ -139,6 +177,23 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Resume a cancelled or failed pipeline from its latest checkpoint; --wait follows it."""
+    with _closing(_client(args)) as client:
+        record = client.resume(args.id)
+        print(f"resumed {record['id']} as job {record.get('job_id')}")
+        return _follow(client, record["id"]) if args.wait else 0
+
+
+def _follow(client, run_id: str) -> int:
+    """Print a pipeline's progress until it ends; exit code 0 when it succeeded."""
+    from mlaas4hep.quickstart import print_progress
+
+    final = client.wait(run_id, on_update=print_progress)
+    print(json.dumps(final, indent=2))
+    return 0 if final["state"] == "SUCCEEDED" else 1
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Ask a served model for predictions (TFaaS /json)."""
     try:
@@ -151,8 +206,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict_files(args: argparse.Namespace) -> int:
+    """Score ROOT files with a model bundle on Ray Data actors; write Parquet to --out."""
+    from mlaas4hep.platform.datasets import error_message
+    from mlaas4hep.platform.registry import RegistryError
+    from mlaas4hep.platform.rootio import DataError
+    from mlaas4hep.platform.storage import Storage
+    from mlaas4hep.serve.batch_predict import predict_files
+    from mlaas4hep.serve.bundle import BundleError
+
+    try:
+        with _ray_session(args):
+            result = predict_files(
+                args.model,
+                args.files,
+                args.out,
+                storage=Storage(_settings(args).storage),
+                tree=args.tree,
+                identifiers=[n for v in args.identifier or [] for n in v.split(",") if n],
+                actors=args.actors,
+            )
+    except (BundleError, RegistryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except DataError as error:
+        print(f"error: {error_message(error)}", file=sys.stderr)
+        return 1
+    print(f"wrote {result.events} scored events to {result.out_dir}: {', '.join(result.columns)}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a pipeline in this process as a Ray driver (the entrypoint of the Ray Job)."""
+    import contextlib
+
+    from mlaas4hep.platform.rootio import DataError, load_xrootd_client
+
+    with contextlib.suppress(DataError):  # without the client, root:// reads say so later
+        load_xrootd_client()  # before anything loads TensorFlow (see load_xrootd_client)
     import ray
 
     from mlaas4hep.platform.pipeline import run_pipeline
@@ -202,6 +293,105 @@ def _default_owner(settings: Settings) -> str:
     return owner_id(default_user(), issuer)
 
 
+class _ray_session:
+    """Connect to the local platform head if it runs (else start a local Ray); disconnect after.
+
+    Does nothing when this process is already connected.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = False
+        self.levels: dict[str, int] = {}
+
+    def __enter__(self) -> None:
+        import logging
+
+        from mlaas4hep.platform.cluster import ensure_ray_token, ray_env
+
+        # Before Ray is imported: it reads its authentication mode once, at import.
+        for key, value in ray_env().items():
+            os.environ.setdefault(key, value)
+        import ray
+
+        # Errors are printed once, as `error: ...`; Ray's own copies stay in its logs.
+        for name in ("ray.data", "ray.exceptions"):
+            self.levels[name] = logging.getLogger(name).level
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        if ray.is_initialized():
+            return
+        settings = _settings(self.args)
+        address = os.environ.get("RAY_ADDRESS") or settings.ray_address or _local_head(settings)
+        if not address:
+            ensure_ray_token()  # a local Ray started here uses token authentication too
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        self.started = True
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def __exit__(self, *exc) -> None:
+        import logging
+
+        import ray
+
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+        if self.started:
+            ray.shutdown()
+
+
+def _data_command(args: argparse.Namespace, action) -> int:
+    """Check the spec's inputs, then run ``action(spec, summary)`` on a Ray session.
+
+    Data errors print ``error: ...`` naming the file, branch or field, and give 1.
+    """
+    from mlaas4hep.platform.datasets import error_message
+    from mlaas4hep.platform.rootio import DataError, inspect_inputs
+
+    spec = _load_spec_arg(args)
+    try:
+        summary = inspect_inputs(spec)  # fails fast, before any Ray process starts
+        with _ray_session(args):
+            action(spec, summary)
+    except DataError as error:
+        print(f"error: {error_message(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_specs(args: argparse.Namespace) -> int:
+    """Compute the specs of a spec's inputs into --out (reused when the inputs are unchanged)."""
+    from mlaas4hep.platform.datasets import obtain_specs, write_json
+
+    def action(spec, summary) -> None:
+        reuse = None if args.force else args.out
+        result = obtain_specs(spec, summary, reuse=reuse, pipeline="cli")
+        print(f"{args.out}: {result.why}" if result.reused else f"recomputing: {result.why}")
+        write_json(result.document, args.out)
+        print(result.describe())
+        print(f"wrote {args.out}")
+
+    return _data_command(args, action)
+
+
+def cmd_flatten(args: argparse.Namespace) -> int:
+    """Flatten a spec's events into Parquet under --out, with the specs.json it used."""
+    from mlaas4hep.platform.datasets import EVENTS_DIR, flatten_to_parquet
+
+    def action(spec, summary) -> None:
+        result = flatten_to_parquet(spec, args.out, args.specs, summary, pipeline="cli")
+        specs = result.specs
+        print(f"{'reused' if specs.reused else 'computed'} specs: {specs.why}")
+        print(specs.describe())
+        print(
+            f"wrote {result.events} events x {result.n_features} features to "
+            f"{Path(args.out) / EVENTS_DIR} (Parquet), specs.json and features.json"
+        )
+
+    return _data_command(args, action)
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from mlaas4hep.platform.demo import write_demo_data
 
@@ -249,7 +439,15 @@ def openapi_documents(settings: Settings) -> dict[str, dict]:
     api = create_pipeline_api(ApiContext.from_settings(settings))
     api.servers = [{"url": "/api/v1"}]
     inference = create_app(TFaaSService(settings, TFaaSOptions(), model_server=None))
-    return {"pipeline-api.json": api.openapi(), "inference-api.json": inference.openapi()}
+    from mlaas4hep.serve.mlaas4hep_server import create_mlaas4hep_server_api
+
+    server = create_mlaas4hep_server_api(ApiContext.from_settings(settings))
+    server.servers = [{"url": "/mlaas4hep"}]
+    return {
+        "pipeline-api.json": api.openapi(),
+        "inference-api.json": inference.openapi(),
+        "mlaas4hep-server-api.json": server.openapi(),
+    }
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
@@ -259,6 +457,26 @@ def cmd_openapi(args: argparse.Namespace) -> int:
     for name, document in openapi_documents(_settings(args)).items():
         (out / name).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         print(out / name)
+    return 0
+
+
+def cmd_serve_config(args: argparse.Namespace) -> int:
+    """Print or write the Serve config of the platform's applications (YAML)."""
+    from mlaas4hep.platform.k8s import ManifestError, embed_serve_config, serve_config_yaml
+
+    text = serve_config_yaml(_settings(args), kubernetes=args.kubernetes)
+    if args.manifest:
+        try:
+            embed_serve_config(Path(args.manifest), text)
+        except ManifestError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(args.manifest)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(args.out)
+    if not (args.out or args.manifest):
+        sys.stdout.write(text)
     return 0
 
 
@@ -313,6 +531,17 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--remove-logs", action="store_true", help="also remove Ray's session logs")
     down.set_defaults(func=cmd_down)
 
+    login = sub.add_parser("login", help="save an access token for the CLI (~/.mlaas4hep/token)")
+    login.add_argument("--issuer", help="OIDC issuer for the device grant (default: configured)")
+    login.add_argument("--client-id", help="OAuth2 client id registered at the issuer")
+    login.add_argument("--client-secret", help="client secret, for confidential clients")
+    login.add_argument("--scope", default="openid mlaas4hep.submit", help="scopes to ask for")
+    login.add_argument("--resource", help="RFC 8707 resource indicator, if the issuer needs one")
+    login.add_argument("--from-env", metavar="VAR", help="take the token from this variable")
+    login.add_argument("--from-file", metavar="PATH", help="take the token from this file")
+    _add_platform_options(login)
+    login.set_defaults(func=cmd_login)
+
     token = sub.add_parser("token", help="print a token from the built-in issuer")
     token.add_argument("--user", help="subject of the token (default: your user name)")
     token.add_argument("--group", action="append", help="group claim (repeatable)")
@@ -336,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(logs)
     logs.set_defaults(func=cmd_logs)
 
+    resume = sub.add_parser("resume", help="resume a cancelled or failed pipeline")
+    resume.add_argument("id")
+    resume.add_argument("--wait", action="store_true", help="follow the pipeline to its end")
+    _add_client_options(resume)
+    resume.set_defaults(func=cmd_resume)
+
     predict = sub.add_parser("predict", help="predict with a served model (TFaaS /json)")
     predict.add_argument("model")
     predict.add_argument("values", nargs="+")
@@ -343,12 +578,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(predict)
     predict.set_defaults(func=cmd_predict)
 
+    predict_files = sub.add_parser(
+        "predict-files", help="score ROOT files with a model into Parquet (Ray Data)"
+    )
+    predict_files.add_argument("model", help="model name[/versions/N] or a bundle folder")
+    predict_files.add_argument("files", nargs="+", help="ROOT files (local, root:// or fsspec URL)")
+    predict_files.add_argument("--out", required=True, help="output folder (Parquet)")
+    predict_files.add_argument("--tree", default="Events", help="TTree path (default Events)")
+    predict_files.add_argument(
+        "--identifier", action="append", help="identifier branches to keep, e.g. run,event"
+    )
+    predict_files.add_argument("--actors", type=int, default=1, help="scoring actors (default 1)")
+    _add_platform_options(predict_files)
+    predict_files.set_defaults(func=cmd_predict_files)
+
     run = sub.add_parser("run", help="run a pipeline (the Ray Job entrypoint)")
     _add_spec_arguments(run)
     _add_platform_options(run)
     run.add_argument("--run-id", help="run id (default: a new one)")
     run.add_argument("--owner", help="owner recorded with the run and model")
     run.set_defaults(func=cmd_run)
+
+    specs = sub.add_parser("specs", help="compute the specs (jdim, min, max) of a spec's inputs")
+    _add_spec_arguments(specs)
+    _add_platform_options(specs)
+    specs.add_argument("--out", default="specs.json", help="specs file (default specs.json)")
+    specs.add_argument("--force", action="store_true", help="recompute even if --out is valid")
+    specs.set_defaults(func=cmd_specs)
+
+    flatten = sub.add_parser("flatten", help="flatten a spec's events into Parquet")
+    _add_spec_arguments(flatten)
+    _add_platform_options(flatten)
+    flatten.add_argument("--out", required=True, help="output folder")
+    flatten.add_argument("--specs", help="specs file to reuse if computed from the same inputs")
+    flatten.set_defaults(func=cmd_flatten)
 
     demo_data = sub.add_parser("demo-data", help="write demo signal/background ROOT files")
     demo_data.add_argument("dir")
@@ -363,9 +626,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(demo)
     demo.set_defaults(func=cmd_demo)
 
+    from mlaas4hep.cli_api import add_api_commands
+
+    add_api_commands(sub)
+
     openapi = sub.add_parser("openapi", help="write the OpenAPI documents of the HTTP APIs")
     openapi.add_argument("--out", default="docs/openapi", help="folder (default docs/openapi)")
     openapi.set_defaults(func=cmd_openapi)
+
+    serve_cfg = sub.add_parser(
+        "serve-config", help="print the Serve config of the applications (serveConfigV2)"
+    )
+    serve_cfg.add_argument("--out", help="write it to this file instead of printing it")
+    serve_cfg.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="the cluster's config: settings from the pods' environment, external issuer",
+    )
+    serve_cfg.add_argument(
+        "--manifest", help="update the serveConfigV2 block of this RayService manifest"
+    )
+    _add_platform_options(serve_cfg)
+    serve_cfg.set_defaults(func=cmd_serve_config)
     return parser
 
 

@@ -7,8 +7,9 @@ server's ``{"error": ...}`` message.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,16 @@ class PlatformClient:
         except httpx.HTTPError as error:
             raise ClientError(f"cannot reach {self.base_url}{path}: {error}") from None
         if response.status_code >= 400:
-            try:
-                message = response.json().get("error", response.text)
-            except ValueError:
-                message = response.text
-            raise ClientError(f"{response.status_code}: {message}", response.status_code)
+            self._raise(response)
         return response
+
+    @staticmethod
+    def _raise(response: httpx.Response) -> None:
+        try:
+            message = response.json().get("error", response.text)
+        except ValueError:
+            message = response.text
+        raise ClientError(f"{response.status_code}: {message}", response.status_code)
 
     def submit(self, spec: PipelineSpec | dict[str, Any], model_source: str | None = None) -> dict:
         """Submit a pipeline; a model file named by the spec is sent along with it."""
@@ -107,11 +112,19 @@ class PlatformClient:
     def logs(self, run_id: str) -> str:
         return self._request("GET", f"/api/v1/pipelines/{run_id}/logs").text
 
+    def artifacts(self, run_id: str) -> list[str]:
+        """Names of a pipeline's artifacts (JSON files, log, ``plots/*.png``)."""
+        return self._request("GET", f"/api/v1/pipelines/{run_id}/artifacts").json()["artifacts"]
+
     def artifact(self, run_id: str, name: str) -> bytes:
         return self._request("GET", f"/api/v1/pipelines/{run_id}/artifacts/{name}").content
 
     def cancel(self, run_id: str) -> dict:
         return self._request("POST", f"/api/v1/pipelines/{run_id}/cancel").json()
+
+    def resume(self, run_id: str) -> dict:
+        """Run a cancelled or failed pipeline again, from its latest checkpoint."""
+        return self._request("POST", f"/api/v1/pipelines/{run_id}/resume").json()
 
     def wait(
         self,
@@ -147,3 +160,146 @@ class PlatformClient:
 
     def models(self) -> Any:
         return self._request("GET", "/models").json()
+
+    # -- pipeline API: more of /api/v1 -----------------------------------------
+
+    def delete(self, run_id: str) -> dict:
+        """Delete a finished pipeline's record, logs and artifacts."""
+        return self._request("DELETE", f"/api/v1/pipelines/{run_id}").json()
+
+    def follow_logs(self, run_id: str) -> Iterator[str]:
+        """A pipeline's log as it grows, until the pipeline finishes."""
+        path = f"/api/v1/pipelines/{run_id}/logs"
+        timeout = httpx.Timeout(self.http.timeout.connect, read=None)
+        with self.http.stream("GET", path, params={"follow": "true"}, timeout=timeout) as reply:
+            if reply.status_code >= 400:
+                reply.read()
+                self._raise(reply)
+            yield from reply.iter_text()
+
+    def submit_files(
+        self, spec: Path, model: Path | None = None, data: Sequence[Path] = ()
+    ) -> dict:
+        """Submit as a multipart form: the spec file, the model file, data files."""
+        parts: list[tuple[str, tuple[str, Any]]] = [("spec", (spec.name, spec.read_bytes()))]
+        if model is not None:
+            parts.append(("model", (model.name, model.read_bytes())))
+        with contextlib.ExitStack() as stack:
+            parts += [("data", (p.name, stack.enter_context(p.open("rb")))) for p in data]
+            return self._request("POST", "/api/v1/pipelines/upload", files=parts).json()
+
+    def files(self) -> dict:
+        """The caller's uploaded files and the quota used."""
+        return self._request("GET", "/api/v1/files").json()
+
+    def upload_file(self, local: Path, path: str | None = None) -> dict:
+        """Stream ``local`` to the caller's files as ``path`` (default: its name)."""
+
+        def chunks() -> Iterator[bytes]:
+            with local.open("rb") as stream:
+                while chunk := stream.read(1024 * 1024):
+                    yield chunk
+
+        return self._request("PUT", f"/api/v1/files/{path or local.name}", content=chunks()).json()
+
+    def download_file(self, path: str) -> bytes:
+        return self._request("GET", f"/api/v1/files/{path}").content
+
+    def delete_file(self, path: str) -> dict:
+        return self._request("DELETE", f"/api/v1/files/{path}").json()
+
+    def registered_models(self, mine: bool = False) -> list[dict]:
+        """Registered models the caller may use (``mine``: only their own)."""
+        params = {"mine": "true"} if mine else None
+        return self._request("GET", "/api/v1/models", params=params).json()["models"]
+
+    def model_info(self, name: str) -> dict:
+        return self._request("GET", f"/api/v1/models/{name}").json()
+
+    def model_bundle(self, name: str, version: int | None = None) -> bytes:
+        """A model's bundle as a TFaaS gzip tarball (latest version by default)."""
+        where = f"/versions/{version}" if version is not None else ""
+        return self._request("GET", f"/api/v1/models/{name}{where}/bundle").content
+
+    def set_visibility(self, name: str, visibility: str, groups: list[str] | None = None) -> dict:
+        body = {"visibility": visibility, "groups": groups}
+        return self._request("PUT", f"/api/v1/models/{name}/visibility", json=body).json()
+
+    # -- the MLaaS4HEP server's API (/mlaas4hep) --------------------------------
+
+    def server_call(self, method: str, endpoint: str, **kwargs: Any) -> httpx.Response:
+        """One call of the MLaaS4HEP server API (``/mlaas4hep/<endpoint>``)."""
+        return self._request(method, f"/mlaas4hep/{endpoint}", **kwargs)
+
+
+def save_token(settings: Settings, token: str) -> Path:
+    """Write ``token`` to ``<home>/token`` (owner-only), where :func:`resolve_token` reads it."""
+    token = token.strip()
+    if token.count(".") != 2:
+        raise ClientError("not a JWT access token (expected three dot-separated parts)")
+    path = Path(settings.home) / "token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(token + "\n")
+    return path
+
+
+def device_login(
+    issuer: str,
+    client_id: str,
+    client_secret: str | None = None,
+    scope: str = "openid mlaas4hep.submit",
+    show: Callable[[dict], None] | None = None,
+    timeout: float = 600.0,
+    resource: str | None = None,
+) -> str:
+    """An access token by the OAuth2 device authorization grant (RFC 8628) at ``issuer``.
+
+    ``show`` receives the device authorization answer (``verification_uri_complete``,
+    ``user_code``) to tell the user where to approve; the token endpoint is then polled.
+    ``resource`` is the RFC 8707 resource indicator some providers need to issue a JWT
+    access token for this service.
+    """
+    credentials = {"client_id": client_id}
+    if client_secret:
+        credentials["client_secret"] = client_secret
+    if resource:
+        credentials["resource"] = resource
+    with httpx.Client(timeout=30) as http:
+        discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+        try:
+            discovery = http.get(discovery_url).json()
+        except (httpx.HTTPError, ValueError) as error:
+            raise ClientError(f"cannot read {discovery_url}: {error}") from None
+        endpoint = discovery.get("device_authorization_endpoint")
+        if not endpoint:
+            raise ClientError(
+                f"{issuer} does not offer the device authorization grant; get a token "
+                "otherwise and pass it with --from-env or --from-file"
+            )
+        grant = http.post(endpoint, data={**credentials, "scope": scope})
+        if grant.status_code != 200:
+            raise ClientError(f"{endpoint} refused the device authorization: {grant.text[:200]}")
+        answer = grant.json()
+        if show is not None:
+            show(answer)
+        interval = float(answer.get("interval", 5))
+        deadline = time.monotonic() + min(timeout, float(answer.get("expires_in", timeout)))
+        body = {
+            **credentials,
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+            "device_code": answer["device_code"],
+        }
+        while time.monotonic() < deadline:
+            reply = http.post(discovery["token_endpoint"], data=body)
+            data = reply.json() if reply.content else {}
+            if reply.status_code == 200 and "access_token" in data:
+                return data["access_token"]
+            error = data.get("error")
+            if error == "slow_down":
+                interval += 5
+            elif error != "authorization_pending":
+                raise ClientError(f"device login failed: {error or reply.status_code}")
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+    raise ClientError(f"device login was not approved within {timeout:g} s")

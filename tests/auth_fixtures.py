@@ -72,6 +72,10 @@ class IssuerServer:
 
         self._router.router.routes.append(Mount(f"/{name}", app=create_issuer_api(issuer)))
 
+    def mount_app(self, prefix: str, app: Any) -> None:
+        """Serve any ASGI ``app`` at ``<base_url><prefix>``."""
+        self._router.router.routes.append(Mount(prefix, app=app))
+
     def jwks_fetches(self, name: str) -> int:
         return self.requests[f"/{name}/jwks"]
 

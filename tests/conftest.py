@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mlaas4hep.platform.cluster import free_port
+from mlaas4hep.platform.rootio import load_xrootd_client
 
 __all__ = ["free_port"]
 
@@ -24,6 +25,9 @@ os.environ["RAY_AUTH_TOKEN_PATH"] = str(_SESSION_DIR / "ray_auth_token")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ["MLAAS4HEP_HOME"] = str(_SESSION_DIR / "home")
 os.environ["MLAAS4HEP_STORAGE"] = str(_SESSION_DIR / "home" / "storage")
+
+# The XRootD client before TensorFlow (the other order crashes), as the pipeline does.
+load_xrootd_client()
 
 
 @pytest.fixture(scope="session")

@@ -78,6 +78,36 @@ def make_bundle(
     return folder
 
 
+def make_image_bundle(folder: Path, name: str, shape: tuple[int, int, int] = (8, 8, 1)) -> Path:
+    """Write a bundle with a tiny real ``tf_keras`` CNN taking ``shape`` images and giving
+    three class probabilities (labels ``zero one two``), TFaaS ``img_channels`` in params."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(7)
+    model = tf_keras.Sequential(
+        [
+            tf_keras.layers.Input(shape=shape, name="image"),
+            tf_keras.layers.Conv2D(4, 3, activation="relu"),
+            tf_keras.layers.MaxPooling2D(2),
+            tf_keras.layers.Flatten(),
+            tf_keras.layers.Dense(3, activation="softmax", name="scores"),
+        ]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / "model.keras")
+    params = {
+        "name": name,
+        "model": "model.keras",
+        "labels": "labels.txt",
+        "img_channels": shape[2],
+        "input_node": "image",
+        "output_node": "scores",
+    }
+    (folder / "params.json").write_text(json.dumps(params))
+    (folder / "labels.txt").write_text("zero\none\ntwo\n")
+    return folder
+
+
 def local_predict(bundle: Path, x: np.ndarray) -> np.ndarray:
     """``model(x)`` computed in the test process from the bundle's model.keras."""
     import tf_keras

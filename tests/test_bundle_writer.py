@@ -117,3 +117,19 @@ def test_bundle_needs_a_trained_model(tmp_path):
             run_id="r",
             spec_json="{}",
         )
+
+
+def test_onnx_export_scores_like_the_keras_model(trained, tmp_path):
+    import onnxruntime
+
+    model, _, x, _ = trained
+    out = bundle(trained, tmp_path / "bundle", onnx=True)
+    onnx = json.loads((out / "metadata.json").read_text())["onnx"]
+    assert onnx["file"] == "model.onnx" and onnx["input"] == "features"
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    (scores,) = session.run([onnx["output"]], {"features": x})
+    np.testing.assert_allclose(scores, model(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "plain").exists()
+    plain = bundle(trained, tmp_path / "plain")
+    assert not (plain / "model.onnx").exists()
+    assert json.loads((plain / "metadata.json").read_text())["onnx"] is None

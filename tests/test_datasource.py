@@ -64,16 +64,16 @@ def demo_spec(demo_files, **extra):
 def test_read_tasks_are_cluster_aligned_with_int_sizes(demo_files) -> None:
     source = RootDatasource(inspect_inputs(demo_spec(demo_files)), chunk_size=2500)
     tasks = source.get_read_tasks(4, per_task_row_limit=None, data_context=None, extra=True)
-    assert [t.metadata.num_rows for t in tasks] == [2000, 1000, 2000, 1000]
+    assert [t.metadata.num_rows for t in tasks] == [2000, 2000, 1000, 1000]
     assert all(type(t.metadata.size_bytes) is int and t.metadata.size_bytes > 0 for t in tasks)
     assert source.estimate_inmemory_data_size() == sum(t.metadata.size_bytes for t in tasks)
-    assert tasks[2].metadata.input_files == (str(demo_files[1]),)
+    assert tasks[1].metadata.input_files == (str(demo_files[1]),)
 
 
 def test_read_task_yields_features_identifiers_label_and_file_index(demo_files) -> None:
     spec = demo_spec(demo_files, identifier="run,event,luminosityBlock")
     source = RootDatasource(inspect_inputs(spec), chunk_size=1000)
-    (table,) = list(source.get_read_tasks(1)[4]())  # background, entries 1000-2000
+    (table,) = list(source.get_read_tasks(1)[3]())  # background, entries 1000-2000
     assert table.column_names == [
         "MET_pt", "MET_phi", "HT", "nJet", "Jet_pt", "Jet_eta", "Jet_phi", "Jet_btag",
         "nMuon", "Muon_pt", "Muon_eta", "Muon_phi",

@@ -86,6 +86,29 @@ def test_finished_pipeline_exposes_logs_and_artifacts(client, finished_run):
     assert "registered demo version 1" in client.logs(finished_run["id"])
     specs = json.loads(client.artifact(finished_run["id"], "specs.json"))
     assert {"jdim", "minv", "maxv", "fkeys", "jkeys", "nans"} <= set(specs)
+    names = set(client.artifacts(finished_run["id"]))
+    plots = {f"plots/{n}.png" for n in ("roc", "scores", "confusion_matrix", "history")}
+    assert {"metrics.json", "history.json"} | plots <= names
+    response = client.http.get(f"/api/v1/pipelines/{finished_run['id']}/artifacts/plots/roc.png")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finished_pipeline_metrics_hold_auc_roc_and_confusion_matrix(client, finished_run):
+    metrics = json.loads(client.artifact(finished_run["id"], "metrics.json"))
+    assert metrics["auc"] == pytest.approx(finished_run["metrics"]["test_auc"])
+    assert len(metrics["roc"]["fpr"]) == len(metrics["roc"]["tpr"]) > 2
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    assert tn + fp + fn + tp == metrics["n"] > 0
+    assert [row["epoch"] for row in metrics["history"]] == [0, 1]
+
+
+def test_pipeline_progress_carries_train_and_validation_metrics(finished_run):
+    progress = finished_run["progress"]
+    assert progress["epoch"] == progress["epochs"] == 2
+    assert {"loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"} <= set(progress)
+    assert not {"pid", "weights_sum", "rank"} & set(progress)
 
 
 @pytest.mark.parametrize("path", ["/api/v1/pipelines", "/json"])
@@ -198,3 +221,51 @@ def test_ray_job_submit_of_mlaas4hep_run_registers_a_listed_model(client, platfo
             break
         time.sleep(2)
     assert "demo-cli" in json.dumps(client.models())
+
+
+def _resume_when_stopped(client, run_id: str, timeout: float = 120) -> dict:
+    """Resume ``run_id``, retrying while its cancelled job is still stopping."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.resume(run_id)
+        except ClientError as error:
+            if error.status != 409 or "still stopping" not in str(error):
+                raise
+            assert time.monotonic() < deadline, str(error)
+            time.sleep(1)
+
+
+def test_cancelled_pipeline_resumes_from_its_latest_checkpoint(client, demo_spec):
+    epochs = 10
+    spec = _spec(demo_spec, name="resumable", epochs=epochs, resources={"num_workers": 1})
+    run_id = client.submit(spec)["id"]
+    deadline = time.monotonic() + 600
+    while True:
+        record = client.pipeline(run_id)
+        assert record["state"] in {"PENDING", "RUNNING"}, record
+        if record["progress"].get("epoch", 0) >= 2:
+            break
+        assert time.monotonic() < deadline, record
+        time.sleep(0.5)
+    assert client.cancel(run_id)["state"] == "CANCELLED"
+    with pytest.raises(ClientError) as error:
+        client.resume("run-20000101-000000-abcdef")
+    assert error.value.status == 404
+
+    resumed = _resume_when_stopped(client, run_id)
+    assert resumed["state"] == "PENDING"
+    assert resumed["job_id"] == f"{run_id}-r1" and resumed["resumes"] == 1
+    final = client.wait(run_id, poll=2, timeout=900)
+    assert final["state"] == "SUCCEEDED", final.get("message")
+    assert final["progress"]["epoch"] == epochs
+    history = json.loads(client.artifact(run_id, "history.json"))
+    assert [row["epoch"] for row in history] == list(range(epochs))
+    # The resumed job's own log: it continued after the checkpointed epochs.
+    log = client.logs(run_id)
+    assert "resume 1: training continues from the run's latest checkpoint" in log
+    assert "epoch 1/10:" not in log and "epoch 10/10:" in log
+    with pytest.raises(ClientError) as error:
+        client.resume(run_id)
+    assert error.value.status == 409
+    assert "succeeded: only a cancelled or failed one resumes" in str(error.value)

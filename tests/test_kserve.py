@@ -126,7 +126,7 @@ def test_inference_needs_a_token_and_access_to_the_model(tfaas, higgs):
     with httpx.Client(base_url=tfaas.url, timeout=60) as client:
         anonymous = client.post("/v2/models/higgs/infer", json=body)
     assert anonymous.status_code == 401
-    assert _post(tfaas, "/v2/models/higgs/infer", body, sub="bob").status_code == 403
+    assert _post(tfaas, "/v2/models/higgs/infer", body, sub="bob").status_code == 404
 
 
 def test_binary_request_with_a_wrong_size_is_refused(tfaas, higgs):

@@ -132,13 +132,13 @@ def test_models_lists_the_bundle_with_tfaas_params_keys(tfaas, higgs):
     assert params["inputNode"] == "features" and "input_node" not in params
 
 
-def test_private_models_are_hidden_from_and_refused_to_other_users(tfaas, higgs):
+def test_private_models_are_hidden_from_other_users_as_not_found(tfaas, higgs):
     with tfaas.client("bob") as client:
         names = [m["name"] for m in client.get("/models").json()]
         answer = client.post("/json", json={"values": ROWS[0].tolist(), "model": "higgs"})
     assert "higgs" not in names
-    assert answer.status_code == 403
-    assert answer.json() == {"error": "model 'higgs' belongs to another user"}
+    assert answer.status_code == 404
+    assert answer.json() == {"error": "model 'higgs' not found"}
 
 
 def test_requests_without_a_token_are_refused_but_status_answers(tfaas, higgs):
@@ -339,8 +339,8 @@ def test_reuploaded_model_answers_with_the_new_weights(tfaas, tmp_path):
 def test_only_the_owner_deletes_a_model(tfaas, higgs):
     with tfaas.client("bob") as client:
         answer = client.delete("/delete/higgs")
-    assert answer.status_code == 403, answer.text
-    assert answer.json() == {"error": "model 'higgs' belongs to another user"}
+    assert answer.status_code == 404, answer.text
+    assert answer.json() == {"error": "model 'higgs' not found"}
     assert versions(tfaas, "higgs") == [1]
 
 

@@ -183,6 +183,32 @@ def test_trained_model_scores_like_the_reported_test_metrics(two_workers):
     assert evaluate(y, model(x).numpy())["auc"] == pytest.approx(result.metrics["auc"], abs=0.03)
 
 
+@pytest.mark.ray
+def test_chunk_mode_fits_each_chunk_epochs_times_in_lockstep_on_two_workers(
+    tmp_path_factory, ray_cluster
+):
+    # MLaaS4HEP's per-chunk training: ~1800 training events in chunks of 600 (300 per
+    # rank), each fitted 2 times; one report per chunk from both ranks (else the
+    # barrier hangs), the same weights on both ranks after the last chunk.
+    model = {"mlp": {"layers": [16], "learning_rate": 0.01}}  # few steps: learn fast
+    spec = make_spec(2, model, epochs=2, chunk_size=600, training={"mode": "chunk"})
+    result, storage, epochs = run(tmp_path_factory, ray_cluster, spec, "chunks", Epochs())
+    chunks = [row["chunk"] for row in result.history]
+    assert len(chunks) >= 3 and chunks == list(range(len(chunks)))
+    assert [e for e, _ in epochs.calls] == [c + 1 for c in chunks]
+    per_chunk = np.diff([0, *(row["events"] for row in result.history)])
+    assert all(n == 600 for n in per_chunk[:-1]) and 0 < per_chunk[-1] <= 600
+    assert sum(per_chunk) <= 0.7 * N_EVENTS  # one pass over the training split
+    assert all("val_loss" in row and "val_auc" in row for row in result.history)
+    assert result.history[0]["loss"] > result.history[-1]["loss"]
+    reports = result.worker_reports
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    assert reports[0]["chunk"] == reports[1]["chunk"] == chunks[-1]
+    assert reports[0]["weights_sha256"] == reports[1]["weights_sha256"]
+    assert result.metrics["auc"] > 0.85
+    assert save_plots(result.metrics, storage / "plots")[-1].name == "history.png"
+
+
 # --------------------------------------------------------------------------- failures
 
 

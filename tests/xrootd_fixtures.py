@@ -1,6 +1,7 @@
-"""A real XRootD server on loopback serving a temporary folder (``run_xrootd``).
+"""Real XRootD servers on loopback: an origin serving a temporary folder (``run_xrootd``)
+and a proxy-cache in front of one (``run_xcache``).
 
-Use it from a module-scoped fixture::
+Use them from a module-scoped fixture::
 
     @pytest.fixture(scope="module")
     def xrootd_server():
@@ -10,80 +11,58 @@ Use it from a module-scoped fixture::
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import REPO
 
-XROOTD = shutil.which("xrootd")
+from mlaas4hep.platform import xrootd_server
+from mlaas4hep.platform.xrootd_server import XRootDServer
 
+__all__ = ["XCACHE_CONFIG", "XCache", "XRootDServer", "run_xcache", "run_xrootd"]
 
-@dataclass
-class XRootDServer:
-    """``url`` is the root:// prefix of ``folder`` (``url + "/name.root"``)."""
-
-    url: str
-    folder: Path
-
-    def add(self, source: Path, name: str | None = None) -> str:
-        """Copy ``source`` into the served folder; return its root:// URL."""
-        target = self.folder / (name or source.name)
-        shutil.copy(source, target)
-        target.chmod(0o644)
-        return f"{self.url}/{target.name}"
+#: The proxy-cache configuration the Kubernetes ConfigMap is generated from.
+XCACHE_CONFIG = REPO / "k8s" / "base" / "xcache" / "xcache.cfg"
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"xrootd exited with status {process.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"xrootd did not listen on port {port} within {timeout:g} s")
+def _need_xrootd() -> None:
+    if xrootd_server.XROOTD is None:
+        pytest.skip("xrootd is not installed")
 
 
 @contextmanager
 def run_xrootd() -> Iterator[XRootDServer]:
-    """Start Debian's ``xrootd`` on a free loopback port; stop it and remove its files after."""
-    if XROOTD is None:
-        pytest.skip("xrootd is not installed")
-    base = Path(tempfile.mkdtemp(prefix="mlaas4hep-xrootd-"))
-    base.chmod(0o777)  # the server runs as the xrootd user when started by root
-    folder = base / "data"
-    folder.mkdir(mode=0o755)
-    folder.chmod(0o755)
-    port = free_port()
-    config = base / "xrootd.cfg"
-    config.write_text(
-        f"all.export /\noss.localroot {folder}\nall.adminpath {base}/admin\n"
-        "xrd.allow host localhost\n"
-    )
-    command = [XROOTD, "-p", str(port), "-c", str(config), "-l", str(base / "xrootd.log")]
-    if os.geteuid() == 0:
-        command[1:1] = ["-R", "xrootd"]  # xrootd refuses to run as root
-    process = subprocess.Popen(
-        command, cwd=base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        _wait_for_port(port, process)
-        yield XRootDServer(f"root://127.0.0.1:{port}/", folder)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        shutil.rmtree(base, ignore_errors=True)
+    """The package's ``run_xrootd``; the test is skipped when xrootd is not installed."""
+    _need_xrootd()
+    with xrootd_server.run_xrootd() as server:
+        yield server
+
+
+@dataclass
+class XCache:
+    """``url`` is the root:// prefix of the proxy; ``cache`` the folder it caches into."""
+
+    url: str
+    cache: Path
+
+
+@contextmanager
+def run_xcache(origin_url: str) -> Iterator[XCache]:
+    """Start an XCache (``XCACHE_CONFIG``) reading from the origin at ``origin_url``."""
+    _need_xrootd()
+    base = xrootd_server.server_folder("mlaas4hep-xcache-")
+    cache = base / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    origin = origin_url.removeprefix("root://").split("/", 1)[0]
+    env = {
+        "XCACHE_ORIGIN": origin,
+        "XCACHE_DIR": str(cache),
+        "XCACHE_ADMIN_DIR": str(base / "admin"),
+        "XCACHE_ALLOW_HOSTS": "localhost",
+    }
+    with xrootd_server.serve(XCACHE_CONFIG, base, env) as port:
+        yield XCache(f"root://127.0.0.1:{port}/", cache)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from mlaas4hep.platform.settings import Settings
 
 RAY_TOKEN_ENV = "RAY_AUTH_TOKEN"
 RAY_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+#: Tries of each ``ray start`` (see ``_ray_start``).
+START_ATTEMPTS = 2
 
 
 class ClusterError(RuntimeError):
@@ -173,22 +176,20 @@ def start_head(settings: Settings, timeout: float = 120.0) -> HeadState:
         f"--num-cpus={num_cpus}",
         f"--temp-dir={ray_temp_dir(settings)}",
         "--disable-usage-stats",
-        # Ray's fixed default ports for these would clash with any other head on the machine.
         f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
+        *_node_port_args(),
     ]
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.state_dir / "ray-start.log"
-    with log_path.open("w") as log:
-        result = subprocess.run(
-            command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout
-        )
-    if result.returncode != 0:
+
+    def cleanup() -> None:  # a start that failed half-way leaves processes running
+        _terminate(_head_processes(str(ray_temp_dir(settings))), 10.0)
+        _terminate(_client_servers_of(f"127.0.0.1:{settings.ray_port}"), 10.0)
+
+    status = _ray_start(command, log_path, timeout, cleanup)
+    if status != 0:
         tail = log_path.read_text()[-2000:]
-        raise ClusterError(f"ray start failed (exit {result.returncode}); see {log_path}:\n{tail}")
+        raise ClusterError(f"ray start failed ({status}); see {log_path}:\n{tail}")
     gcs_address = f"127.0.0.1:{settings.ray_port}"
     state = HeadState(
         gcs_address=gcs_address,
@@ -200,6 +201,56 @@ def start_head(settings: Settings, timeout: float = 120.0) -> HeadState:
     state.save(settings)
     _wait_for(lambda: port_open("127.0.0.1", settings.dashboard_port), timeout, "dashboard")
     return state
+
+
+def _ray_start(
+    command: list[str], log_path: Path, timeout: float, cleanup: Callable[[], None]
+) -> int | str:
+    """Run ``ray start``, logging to ``log_path``: 0, or what went wrong (exit status, timeout).
+
+    A failed start is cleaned up (``cleanup`` ends what it left running) and tried once more:
+    Ray gives a new raylet and dashboard 30 s to come up, which a loaded machine can miss.
+    """
+    status: int | str = 0
+    for _ in range(START_ATTEMPTS):
+        with log_path.open("w") as log:
+            try:
+                result = subprocess.run(
+                    command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+                )
+                status = result.returncode and f"exit {result.returncode}"
+            except subprocess.TimeoutExpired:
+                status = f"no answer in {timeout:.0f} s"
+        if status == 0:
+            return 0
+        cleanup()
+    return status
+
+
+def _node_port_args() -> list[str]:
+    """Free ports for a node's agents: Ray's fixed defaults would clash with any other node
+    on the machine."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
+def connect(address: str, attempts: int = 3, **init_kwargs) -> None:
+    """``ray.init(address=...)``, retried: a just-started head on a busy machine may not
+    answer the first connection in time."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, **init_kwargs)
+            return
+        except ConnectionError:
+            if attempt == attempts:
+                raise
+            time.sleep(2.0 * attempt)
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
@@ -226,10 +277,13 @@ def _session_dir_of(gcs_port: int) -> str:
 
 
 def _head_processes(session_dir: str) -> list[psutil.Process]:
-    """Processes of the head whose session folder is ``session_dir``, with their children."""
+    """Processes naming ``session_dir`` (a head's session folder, a worker node's temp
+    folder) on their command line, with their children."""
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
+            if proc.pid == os.getpid():
+                continue
             if any(session_dir in arg for arg in proc.info.get("cmdline") or []):
                 roots.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -245,6 +299,20 @@ def _head_processes(session_dir: str) -> list[psutil.Process]:
     return list(found.values())
 
 
+def _client_servers_of(gcs_address: str) -> list[psutil.Process]:
+    """The head's Ray Client server: its command line names the GCS port, not the session
+    (and an address of the machine that may differ from ``gcs_address``'s host)."""
+    suffix = ":" + gcs_address.rsplit(":", 1)[1]
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if "ray.util.client.server" in cmdline and any(
+            arg.startswith("--address=") and arg.endswith(suffix) for arg in cmdline
+        ):
+            found.append(proc)
+    return found
+
+
 def stop_head(settings: Settings, timeout: float = 20.0, keep_logs: bool = True) -> bool:
     """Stop the head recorded in the state folder; return whether one was running.
 
@@ -253,7 +321,16 @@ def stop_head(settings: Settings, timeout: float = 20.0, keep_logs: bool = True)
     state = HeadState.load(settings)
     if state is None:
         return False
-    procs = _head_processes(state.session_dir)
+    procs = _head_processes(state.session_dir) + _client_servers_of(state.gcs_address)
+    _terminate(procs, timeout)
+    HeadState.path(settings).unlink(missing_ok=True)
+    if not keep_logs:
+        shutil.rmtree(Path(state.session_dir).parent, ignore_errors=True)
+    return bool(procs)
+
+
+def _terminate(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM ``procs``, then SIGKILL those still alive after ``timeout`` seconds."""
     for proc in procs:
         try:
             proc.send_signal(signal.SIGTERM)
@@ -266,7 +343,77 @@ def stop_head(settings: Settings, timeout: float = 20.0, keep_logs: bool = True)
         except psutil.NoSuchProcess:
             continue
     psutil.wait_procs(alive, timeout=5)
-    HeadState.path(settings).unlink(missing_ok=True)
+
+
+@dataclass
+class WorkerNode:
+    """A worker node started by :func:`start_worker` on this machine."""
+
+    node_id: str
+    gcs_address: str
+    temp_dir: str
+    num_cpus: int
+    resources: dict[str, float]
+
+
+def start_worker(
+    gcs_address: str,
+    temp_dir: Path,
+    num_cpus: int = 1,
+    resources: dict[str, float] | None = None,
+    timeout: float = 120.0,
+) -> WorkerNode:
+    """Join a worker node to the head at ``gcs_address`` (``ray start --address``).
+
+    The node gets its own temp folder (its processes are found, and stopped, by it), free
+    agent ports, ``num_cpus`` logical CPUs and the custom ``resources`` (e.g.
+    ``{"data_node": 1}`` for a node near the data). Returns once the head lists the node.
+    """
+    resources = dict(resources or {})
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        _ray_cli(),
+        "start",
+        f"--address={gcs_address}",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        f"--resources={json.dumps(resources)}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        *_node_port_args(),
+    ]
+    log_path = temp_dir / "ray-start.log"
+    status = _ray_start(
+        command, log_path, timeout, lambda: _terminate(_head_processes(str(temp_dir)), 10.0)
+    )
+    if status != 0:
+        tail = log_path.read_text()[-2000:]
+        raise ClusterError(f"ray start of a worker node failed ({status}); see {log_path}:\n{tail}")
+    found: list[str] = []
+
+    def joined() -> bool:
+        found.extend(_node_ids_in(gcs_address, str(temp_dir)))
+        return bool(found)
+
+    _wait_for(joined, timeout, f"worker node in {temp_dir} to join {gcs_address}")
+    return WorkerNode(found[0], gcs_address, str(temp_dir), num_cpus, resources)
+
+
+def _node_ids_in(gcs_address: str, temp_dir: str) -> list[str]:
+    """Ids of the alive nodes of the cluster at ``gcs_address`` whose temp folder is
+    ``temp_dir``, asked from its GCS (with the cluster token: ``RAY_AUTH_MODE=token``)."""
+    from ray._raylet import GcsClient
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    alive = GcsNodeInfo.GcsNodeState.ALIVE
+    nodes = GcsClient(address=gcs_address).get_all_node_info(timeout=10, state_filter=alive)
+    return [info.node_id.hex() for info in nodes.values() if info.temp_dir == temp_dir]
+
+
+def stop_worker(worker: WorkerNode, timeout: float = 20.0, keep_logs: bool = False) -> bool:
+    """Stop the processes of ``worker`` (and only those); return whether any ran."""
+    procs = _head_processes(worker.temp_dir)
+    _terminate(procs, timeout)
     if not keep_logs:
-        shutil.rmtree(Path(state.session_dir).parent, ignore_errors=True)
+        shutil.rmtree(worker.temp_dir, ignore_errors=True)
     return bool(procs)

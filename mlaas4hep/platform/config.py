@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -90,6 +91,9 @@ class ModelSpec(BaseModel):
 
     file: str | None = Field(default=None, description="Python file defining model(idim)")
     mlp: MLPSpec | None = None
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed as model(idim, **kwargs)"
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> ModelSpec:
@@ -97,6 +101,8 @@ class ModelSpec(BaseModel):
             raise ValueError("give either 'file' or 'mlp', not both")
         if not self.file and self.mlp is None:
             self.mlp = MLPSpec()
+        if self.kwargs and not self.file:
+            raise ValueError("'kwargs' are arguments of a model file's model(idim, ...)")
         return self
 
 
@@ -111,6 +117,11 @@ class ResourcesSpec(BaseModel):
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Extra custom Ray resources per worker"
+    )
+    read_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each read task asks for, e.g. {'data_node': 0.01} "
+        "to read on the nodes near the data",
     )
     max_failures: int = Field(
         default=0, ge=-1, description="Worker failures to recover from (from the last checkpoint)"
@@ -149,6 +160,11 @@ class TrainingSpec(BaseModel):
     mixed_precision: bool = Field(
         default=False, description="Compute in bfloat16 (float16 on GPUs), keep weights float32"
     )
+    mode: Literal["standard", "chunk"] = Field(
+        default="standard",
+        description="standard: each epoch goes over all training events; chunk: MLaaS4HEP's "
+        "per-chunk training, each chunk of chunk_size events is fitted `epochs` times in turn",
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> TrainingSpec:
@@ -157,10 +173,34 @@ class TrainingSpec(BaseModel):
         return self
 
 
+class TuneSpec(BaseModel):
+    """A Ray Tune search over the model's parameters; the best trial's model is registered.
+
+    ``search_space`` maps a parameter (an MLP field such as ``learning_rate`` or
+    ``layers``, or a keyword argument of a model file's ``model(idim, ...)``) to a list of
+    choices or to one sampler: ``{"choice": [...]}``, ``{"uniform": [low, high]}``,
+    ``{"loguniform": [low, high]}``, ``{"randint": [low, high]}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    search_space: dict[str, Any] = Field(min_length=1)
+    num_samples: int = Field(default=4, ge=1, le=1000, description="Trials to run")
+    metric: str = Field(default="val_loss", description="Per-epoch metric to rank trials by")
+    mode: Literal["min", "max"] = "min"
+    max_concurrent_trials: int = Field(default=1, ge=1, le=64)
+
+
+class BundleSpec(BaseModel):
+    """Extra formats written into the model bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    onnx: bool = Field(default=False, description="Also export model.onnx (Triton, SONIC)")
+
+
 #: MLaaS4HEP params.json keys that this platform reads but does not act on.
-IGNORED_MLAAS4HEP_KEYS = frozenset(
-    {"hist", "hists", "info", "specs", "fout", "fin", "preproc_file"}
-)
+IGNORED_MLAAS4HEP_KEYS = frozenset({"hist", "hists", "info", "fout", "fin", "preproc_file"})
 
 
 class PipelineSpec(BaseModel):
@@ -184,7 +224,10 @@ class PipelineSpec(BaseModel):
     selected_branches: list[str] = Field(default_factory=list)
     exclude_branches: list[str] = Field(default_factory=list)
     redirector: str | None = Field(
-        default=None, description="Prefix turning logical /store/... names into root:// URLs"
+        # On a cluster the platform's default points at its XRootD proxy-cache.
+        default_factory=lambda: os.environ.get("MLAAS4HEP_REDIRECTOR") or None,
+        description="Prefix turning logical /store/... names into root:// URLs "
+        "(default: MLAAS4HEP_REDIRECTOR)",
     )
     nan: float = Field(default=math.nan, description="Padding value of jagged slots")
     max_jagged_dim: int | None = Field(
@@ -194,15 +237,50 @@ class PipelineSpec(BaseModel):
         default=None,
         description="MLaaS4HEP preprocessing: new branches, cuts (a JSON file path or mapping)",
     )
+    specs: str | None = Field(
+        default=None,
+        description="A specs.json to reuse when it was computed from the same inputs",
+    )
+    shuffle: Literal["none", "blocks", "global"] = Field(
+        default="none",
+        description=(
+            "Event order: 'none' interleaves the files' chunks in proportion to their sizes, "
+            "'blocks' also permutes the chunks (seeded, streaming), 'global' shuffles every "
+            "event (an all-to-all exchange)"
+        ),
+    )
     verbose: int = 0
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tune: TuneSpec | None = Field(default=None, description="Hyperparameter search (optional)")
+    bundle: BundleSpec = Field(default_factory=BundleSpec)
 
     @field_validator("identifier", "selected_branches", "exclude_branches", mode="before")
     @classmethod
     def _names(cls, value: Any) -> list[str]:
         return _split_names(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _labels_list(cls, data: Any) -> Any:
+        """``labels: [...]`` beside ``files`` gives one label per file, in order."""
+        if not isinstance(data, dict) or "labels" not in data:
+            return data
+        data = dict(data)
+        labels, files = data.pop("labels"), data.get("files")
+        files = [files] if isinstance(files, str) else files
+        if not isinstance(labels, list) or not isinstance(files, list):
+            raise ValueError("labels: give a list with one label per entry of files")
+        if len(labels) != len(files):
+            raise ValueError(
+                f"labels: {len(labels)} labels for {len(files)} files; give one label per file"
+            )
+        data["files"] = [
+            {"path": item, "label": label} if isinstance(item, str) else {**item, "label": label}
+            for item, label in zip(files, labels, strict=True)
+        ]
+        return data
 
     @field_validator("files", mode="before")
     @classmethod
@@ -334,6 +412,9 @@ def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
             )
             for item in files
         ]
+    for key in ("specs", "preproc"):
+        if isinstance(data.get(key), str):
+            data[key] = fix(data[key])
     model = data.get("model")
     if isinstance(model, str):
         data["model"] = fix(model)

@@ -10,6 +10,15 @@ file, reads only the branches it needs and yields one Arrow table with
 * the identifier branches;
 * ``label``: the file's label, or the value of ``label_branch``, as int64;
 * ``file_index``: the position of the file in the spec's list.
+
+Class balance: the read tasks of the files are interleaved in proportion to the
+events each file gives (MLaaS4HEP's chunks mix files the same way), so any prefix of
+the stream holds every file's share. ``shuffle: "blocks"`` also permutes the tasks
+(seeded, still streaming); ``"global"`` shuffles every event (:func:`shuffle_events`).
+
+Each read task adds the events and Arrow bytes it produced to the Ray metrics
+``mlaas4hep_data_events_read`` and ``mlaas4hep_data_bytes_read``, tagged with the
+pipeline (run id), so the dashboard's metrics show each pipeline's reading.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +52,11 @@ from mlaas4hep.platform.rootio import (
 )
 
 logger = logging.getLogger(__name__)
+
+Order = Literal["none", "blocks", "global"]
+
+#: Ray metrics of the read tasks, created once per worker process.
+_COUNTERS: dict[str, Any] = {}
 
 
 def events_per_file(entries: Sequence[int], nevts: int) -> list[int]:
@@ -105,7 +120,27 @@ def _read_range(
     )
 
 
-def _read_chunk(chunk: _Chunk, summary: InputsSummary, timeout: float) -> Iterable[pa.Table]:
+def _count_read(pipeline: str, events: int, nbytes: int) -> None:
+    """Add one task's events and bytes to the per-pipeline Ray counters."""
+    from ray.util.metrics import Counter
+
+    if not _COUNTERS:
+        for key, what in (("events", "events"), ("bytes", "Arrow bytes (uncompressed)")):
+            _COUNTERS[key] = Counter(
+                f"mlaas4hep_data_{key}_read",
+                description=f"ROOT {what} read by the data layer, per pipeline",
+                tag_keys=("pipeline",),
+            )
+    tags = {"pipeline": pipeline}
+    if events > 0:
+        _COUNTERS["events"].inc(events, tags=tags)
+    if nbytes > 0:
+        _COUNTERS["bytes"].inc(nbytes, tags=tags)
+
+
+def _read_chunk(
+    chunk: _Chunk, summary: InputsSummary, timeout: float, pipeline: str = "none"
+) -> Iterable[pa.Table]:
     try:
         table = _read_range(chunk, summary, timeout)
     except DataError as error:
@@ -124,6 +159,10 @@ def _read_chunk(chunk: _Chunk, summary: InputsSummary, timeout: float) -> Iterab
         table = table.drop_columns([label_branch])
     table = table.append_column(LABEL_COLUMN, labels)
     table = table.append_column(FILE_INDEX_COLUMN, pa.array(np.full(n, chunk.file_index, np.int32)))
+    try:
+        _count_read(pipeline, n, table.nbytes)
+    except Exception as error:  # metrics must never fail a read
+        logger.debug("metrics not recorded: %s", error)
     yield table
 
 
@@ -131,6 +170,8 @@ class RootDatasource(Datasource):
     """Read the events of the checked inputs of a spec (see :func:`inspect_inputs`).
 
     ``events`` gives the entries to read from the start of each file (default: all).
+    The files' chunks are interleaved in proportion to their sizes; ``order="blocks"``
+    permutes them with ``seed``. ``pipeline`` tags the read metrics.
     """
 
     def __init__(
@@ -139,6 +180,9 @@ class RootDatasource(Datasource):
         events: Sequence[int] | None = None,
         chunk_size: int = 10_000,
         timeout: float = DEFAULT_TIMEOUT,
+        order: Order = "none",
+        seed: int = 0,
+        pipeline: str = "none",
     ) -> None:
         super().__init__()
         if chunk_size < 1:
@@ -147,16 +191,22 @@ class RootDatasource(Datasource):
         self.events = list(events) if events is not None else [f.entries for f in summary.files]
         self.chunk_size = chunk_size
         self.timeout = timeout
+        self.pipeline = pipeline
         self.chunks = self._plan()
+        if order == "blocks":
+            permutation = np.random.default_rng(seed).permutation(len(self.chunks))
+            self.chunks = [self.chunks[i] for i in permutation]
 
     def _plan(self) -> list[_Chunk]:
-        chunks = []
+        chunks, position = [], []
         for index, (info, count) in enumerate(zip(self.summary.files, self.events, strict=True)):
             stop = min(count, info.entries)
             for start, end in plan_ranges(info.clusters, stop, self.chunk_size):
                 nbytes = int(info.bytes_per_entry * (end - start))
                 chunks.append(_Chunk(index, info.path, info.label, start, end, nbytes))
-        return chunks
+                position.append(((start + end) / 2 / stop, index))
+        # Interleave: each chunk goes where its middle sits within its own file.
+        return [chunk for _, chunk in sorted(zip(position, chunks, strict=True))]
 
     def get_name(self) -> str:
         return "ReadROOT"
@@ -167,6 +217,7 @@ class RootDatasource(Datasource):
     def _task(self, chunk: _Chunk, per_task_row_limit: int | None) -> ReadTask:
         # Each task carries what reading needs, not the file list with every cluster.
         summary, timeout = dataclasses.replace(self.summary, files=[]), self.timeout
+        pipeline = self.pipeline
         metadata = BlockMetadata(
             num_rows=chunk.stop - chunk.start,
             size_bytes=int(chunk.nbytes),
@@ -174,7 +225,7 @@ class RootDatasource(Datasource):
             input_files=[chunk.path],
         )
         return ReadTask(
-            lambda: _read_chunk(chunk, summary, timeout),
+            lambda: _read_chunk(chunk, summary, timeout, pipeline),
             metadata,
             per_task_row_limit=per_task_row_limit,
         )
@@ -187,17 +238,40 @@ class RootDatasource(Datasource):
 
 
 def read_events(
-    spec: PipelineSpec, summary: InputsSummary | None = None, timeout: float = DEFAULT_TIMEOUT
+    spec: PipelineSpec,
+    summary: InputsSummary | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    pipeline: str = "none",
 ) -> ray.data.Dataset:
     """Return the events of ``spec``'s files as a Ray Dataset (see the module docstring).
 
     ``summary`` is the result of :func:`inspect_inputs`, computed when not given.
-    ``spec.nevts`` events are shared among the files in proportion to their sizes.
+    ``spec.nevts`` events are shared among the files in proportion to their sizes;
+    ``spec.shuffle == "blocks"`` permutes the read tasks. ``pipeline`` (a run id) tags
+    the read metrics.
     """
     summary = summary or inspect_inputs(spec, timeout)
     files: list[FileSummary] = summary.files
     events = events_per_file([f.entries for f in files], spec.nevts)
-    source = RootDatasource(summary, events, spec.chunk_size, timeout)
+    order = "blocks" if spec.shuffle == "blocks" else "none"
+    source = RootDatasource(
+        summary, events, spec.chunk_size, timeout, order, spec.training.seed, pipeline
+    )
     # One block per planned chunk: Ray would otherwise split them to reach its default
     # parallelism, and the specs pass would pay per extra block.
-    return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.chunks)))
+    read_resources = spec.resources.read_resources
+    remote_args = {"resources": read_resources} if read_resources else {}
+    return ray.data.read_datasource(
+        source, override_num_blocks=max(1, len(source.chunks)), ray_remote_args=remote_args
+    )
+
+
+def shuffle_events(ds: ray.data.Dataset, spec: PipelineSpec) -> ray.data.Dataset:
+    """Shuffle every row of ``ds`` when ``spec.shuffle == "global"`` (seeded), else return it.
+
+    A global shuffle is an all-to-all exchange: Ray Data spills what does not fit in
+    the object store, so it costs memory and time that the streaming orders do not.
+    """
+    if spec.shuffle != "global":
+        return ds
+    return ds.random_shuffle(seed=spec.training.seed)

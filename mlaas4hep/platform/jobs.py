@@ -71,15 +71,21 @@ class PipelineJobs:
         spec_uri: str,
         entrypoint_resources: dict[str, float] | None = None,
         env_vars: dict[str, str] | None = None,
+        job_id: str | None = None,
+        entrypoint: str | None = None,
     ) -> str:
-        """Start the pipeline's Ray Job; return its job id (the run id)."""
+        """Start the pipeline's Ray Job; return its job id (``job_id``, default the run id).
+
+        A resumed run needs a new ``job_id``: Ray never reuses a submission id.
+        ``entrypoint`` replaces the pipeline's command (another platform-made command).
+        """
         runtime_env: dict[str, Any] = {"env_vars": {"TF_USE_LEGACY_KERAS": "1", **(env_vars or {})}}
         deadline = time.monotonic() + AGENT_WAIT_SECONDS
         while True:
             try:
                 return self.client.submit_job(
-                    entrypoint=pipeline_entrypoint(spec_uri, run_id, owner),
-                    submission_id=run_id,
+                    entrypoint=entrypoint or pipeline_entrypoint(spec_uri, run_id, owner),
+                    submission_id=job_id or run_id,
                     metadata={"owner": owner, "run_id": run_id, "app": "mlaas4hep"},
                     runtime_env=runtime_env,
                     entrypoint_resources=entrypoint_resources,

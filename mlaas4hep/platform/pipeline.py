@@ -66,6 +66,9 @@ def run_pipeline(spec: PipelineSpec, run_id: str, owner: str, storage: Storage) 
     try:
         return _run_stages(spec, run_id, owner, storage, runs)
     except BaseException as error:
+        if runs.get(run_id)["state"] == RunState.CANCELLED:
+            logger.info("pipeline cancelled")  # the job was stopped: keep CANCELLED
+            raise
         message = f"{type(error).__name__}: {error}"
         logger.error("pipeline failed: %s\n%s", message, traceback.format_exc())
         runs.update(run_id, state=RunState.FAILED, message=message, finished=now_iso())
@@ -78,41 +81,73 @@ def _run_stages(
     spec: PipelineSpec, run_id: str, owner: str, storage: Storage, runs: RunStore
 ) -> dict[str, Any]:
     # Imported here: TensorFlow must only load after TF_USE_LEGACY_KERAS is set.
-    from mlaas4hep.platform.datasource import read_events
+    from mlaas4hep.platform.datasets import obtain_specs
+    from mlaas4hep.platform.datasource import read_events, shuffle_events
     from mlaas4hep.platform.flatten import flatten_dataset
     from mlaas4hep.platform.rootio import inspect_inputs
-    from mlaas4hep.platform.specs import compute_specs
     from mlaas4hep.train.bundle import write_bundle
     from mlaas4hep.train.metrics import save_plots
     from mlaas4hep.train.trainer import (
         check_resources,
+        epoch_metrics,
         remove_model_dir,
         split_dataset,
         train_model,
     )
 
-    runs.update(run_id, state=RunState.RUNNING, stage="checking inputs", started=now_iso())
+    record = runs.update(
+        run_id, state=RunState.RUNNING, stage="checking inputs", message="", started=now_iso()
+    )
     logger.info("run %s: model %r for %s", run_id, spec.name, owner)
+    if record.get("resumes"):
+        # train_model picks up the checkpoints kept under the same run id.
+        logger.info(
+            "resume %d: training continues from the run's latest checkpoint", record["resumes"]
+        )
     check_resources(spec.resources)
     summary = inspect_inputs(spec)
     logger.info("inputs: %s", summary)
 
     runs.update(run_id, stage="specs pass")
-    events = read_events(spec, summary)
-    specs = compute_specs(events, spec)
-    storage.write_json(specs.to_dict(), "runs", run_id, "specs.json")
-    logger.info("specs: %d events, %d features", specs.events["total"], specs.n_features)
+    events = read_events(spec, summary, pipeline=run_id)
+    # A resumed run reuses its own specs, else the spec's `specs` file, when still valid.
+    stored = storage.uri("runs", run_id, "specs.json")
+    reuse = stored if storage.exists("runs", run_id, "specs.json") else spec.specs
+    obtained = obtain_specs(spec, summary, reuse, events)
+    specs = obtained.specs
+    storage.write_json(obtained.document, "runs", run_id, "specs.json")
+    if reuse:
+        logger.info("specs %s: %s", "reused" if obtained.reused else "recomputed", obtained.why)
+    logger.info("%s", obtained.describe())
 
-    runs.update(run_id, stage="training", progress={"epoch": 0, "epochs": spec.epochs})
-    flat = flatten_dataset(events, specs, spec)
+    chunked = spec.training.mode == "chunk"
+    start = {"chunk": 0} if chunked else {"epoch": 0}
+    runs.update(run_id, stage="training", progress={**start, "epochs": spec.epochs})
+    flat = shuffle_events(flatten_dataset(events, specs, spec), spec)
     splits = split_dataset(flat, spec.training)
 
-    def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
-        logger.info("epoch %d/%d: %s", epoch, spec.epochs, metrics)
-        runs.update(run_id, progress={"epoch": epoch, "epochs": spec.epochs, **metrics})
+    def on_epoch(step: int, metrics: dict[str, Any]) -> None:
+        # Train and validation loss/accuracy/AUC: loss, accuracy, auc, val_loss, ...
+        metrics = epoch_metrics(metrics)
+        where = f"chunk {step}" if chunked else f"epoch {step}/{spec.epochs}"
+        logger.info("%s: %s", where, metrics)
+        position = {"chunk": step} if chunked else {"epoch": step}
+        runs.update(run_id, progress={**position, "epochs": spec.epochs, **metrics})
 
     checkpoints = storage.uri("runs", run_id, "train")
-    result = train_model(spec, splits, specs.n_features, checkpoints, run_id, on_epoch=on_epoch)
+    if spec.tune is not None:
+        from mlaas4hep.train.tune import tune_model
+
+        def on_trial(trial: dict[str, Any]) -> None:
+            logger.info("tune trial %s: %s = %s", trial["params"], spec.tune.metric, trial["score"])
+
+        runs.update(run_id, stage="tuning")
+        result, best = tune_model(
+            spec, splits, specs.n_features, checkpoints, run_id, on_trial=on_trial
+        )
+        logger.info("tune: best parameters %s", best)
+    else:
+        result = train_model(spec, splits, specs.n_features, checkpoints, run_id, on_epoch=on_epoch)
     storage.write_json(result.metrics, "runs", run_id, "metrics.json")
     storage.write_json(result.history, "runs", run_id, "history.json")
 
@@ -132,6 +167,7 @@ def _run_stages(
             owner=owner,
             run_id=run_id,
             spec_json=spec.to_json(),
+            onnx=spec.bundle.onnx,
         )
         version = ModelRegistry(storage).register(spec.name, bundle, owner=owner)
     finally:

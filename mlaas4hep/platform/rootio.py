@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -161,6 +162,28 @@ def _xrootd_defaults(timeout: float) -> None:
     os.environ.setdefault("XRD_STREAMTIMEOUT", seconds)
 
 
+def load_xrootd_client(timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Load the XRootD client library now, with the platform's timeouts.
+
+    It must load before TensorFlow in the same process: TensorFlow exports its BoringSSL
+    symbols process-wide, and the XRootD library loaded after it binds to them and
+    crashes the process. A process that loaded TensorFlow first gets a
+    :class:`DataError` here instead of a crash.
+    """
+    if "XRootD.client" in sys.modules:
+        return
+    if "tensorflow" in sys.modules:
+        raise DataError(
+            "root:// reads need the XRootD client loaded before TensorFlow in this process "
+            "(call mlaas4hep.platform.rootio.load_xrootd_client() first)"
+        )
+    _xrootd_defaults(timeout)
+    try:
+        import XRootD.client  # noqa: F401
+    except ImportError:
+        raise DataError("root:// reads need the XRootD client: pip install xrootd") from None
+
+
 def open_options(
     path: str, timeout: float = DEFAULT_TIMEOUT, handler: Handler = "auto"
 ) -> dict[str, Any]:
@@ -175,7 +198,7 @@ def open_options(
     both are within 20 %. Entry ranges never use byte-size steps, which fsspec refuses.
     """
     if path.startswith("root://"):
-        _xrootd_defaults(timeout)
+        load_xrootd_client(timeout)
         seconds = max(1, math.ceil(timeout))  # the XRootD clients take whole seconds
         if handler == "fsspec":
             return {"timeout": seconds}
@@ -206,7 +229,8 @@ def _open_file(path: str, timeout: float, handler: Handler) -> Any:
             raise DataError(f"{path}: is a folder, not a ROOT file")
     try:
         opener = lambda: uproot.open(path, **open_options(path, timeout, handler))  # noqa: E731
-        return _with_deadline(opener, timeout + 5, path) if is_remote(path) else opener()
+        unreachable = f"{path}: cannot reach the server"
+        return _with_deadline(opener, timeout + 5, unreachable) if is_remote(path) else opener()
     except DataError:
         raise
     except FileNotFoundError:

@@ -67,6 +67,24 @@ class Settings(BaseModel):
     )
     admin_groups: list[str] = Field(default_factory=lambda: ["/mlaas4hep/admins"])
     token: str | None = Field(default=None, description="Bearer token used by the CLI client")
+    max_upload_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="Largest single uploaded file or archive"
+    )
+    user_quota_bytes: int = Field(
+        default=20 * 1024**3, ge=1, description="Storage one user's uploads may take in total"
+    )
+    max_active_pipelines: int = Field(
+        default=4, ge=1, description="Pending or running pipelines one user may have"
+    )
+    max_workers_per_pipeline: int = Field(
+        default=8, ge=1, description="Training workers one pipeline may ask for"
+    )
+    max_cpus_per_pipeline: float = Field(
+        default=16.0, gt=0, description="CPUs one pipeline may ask for (workers x cpus)"
+    )
+    max_gpus_per_pipeline: float = Field(
+        default=1.0, ge=0, description="GPUs one pipeline may ask for (workers x gpus)"
+    )
 
     @field_validator("oidc_issuer", "allowed_groups", "admin_groups", mode="before")
     @classmethod

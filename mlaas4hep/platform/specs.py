@@ -18,6 +18,10 @@ A specs file is JSON with MLaaS4HEP's keys:
 ``events``
     events seen per file, and their ``total``.
 
+Two keys beside MLaaS4HEP's: ``truncated`` (with ``max_jagged_dim``: per jagged branch,
+the values beyond the cap that flattening drops) and ``inputs`` (the fingerprint of the
+inputs the specs were computed from, see :mod:`mlaas4hep.platform.datasets`).
+
 :func:`compute_specs` is a map-reduce over a Ray Dataset: each block yields its own
 small :class:`FeatureSpecs` (:func:`block_specs`), and the driver merges those
 (:func:`merge_specs`); the event data never leaves the workers.
@@ -57,6 +61,11 @@ class FeatureSpecs:
     maxv: dict[str, float] = field(default_factory=dict)
     nans: dict[str, float] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=lambda: {"total": 0})
+    truncated: dict[str, int] | None = None  # set when a max_jagged_dim caps jdim
+
+    @property
+    def truncated_total(self) -> int:
+        return sum((self.truncated or {}).values())
 
     def feature_names(self) -> list[str]:
         """Flat keys, then each jagged key expanded to ``key_0 … key_{jdim-1}``."""
@@ -80,7 +89,7 @@ class FeatureSpecs:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "jdim": dict(self.jdim),
             "minv": dict(self.minv),
             "maxv": dict(self.maxv),
@@ -89,6 +98,9 @@ class FeatureSpecs:
             "nans": dict(self.nans),
             "events": dict(self.events),
         }
+        if self.truncated is not None:
+            data["truncated"] = dict(self.truncated)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureSpecs:
@@ -105,6 +117,8 @@ class FeatureSpecs:
             nans={k: float(v) for k, v in data.get("nans", {}).items()},
             events={k: int(v) for k, v in data.get("events", {"total": 0}).items()},
         )
+        if data.get("truncated") is not None:
+            specs.truncated = {k: int(v) for k, v in data["truncated"].items()}
         for key in [*specs.fkeys, *specs.jkeys]:
             if key not in specs.minv or key not in specs.maxv:
                 raise ValueError(f"specs: no minv/maxv for branch {key!r}")
@@ -145,20 +159,26 @@ def block_specs(
     columns: Mapping[str, Any],
     exclude: Iterable[str] = (),
     file_paths: Sequence[str] | None = None,
+    max_jagged_dim: int | None = None,
 ) -> FeatureSpecs:
     """Specs of one block of events (a mapping of column name to values).
 
     Every column except ``exclude`` (identifiers) and the reserved ``label`` and
     ``file_index`` is a feature. With ``file_paths``, events are counted per file
-    from the ``file_index`` column.
+    from the ``file_index`` column. With ``max_jagged_dim``, the values beyond it are
+    counted per jagged branch in ``truncated``.
     """
     fkeys, jkeys, parsed = feature_keys(columns, exclude)
     specs = FeatureSpecs(fkeys=fkeys, jkeys=jkeys)
+    if max_jagged_dim is not None:
+        specs.truncated = {}
     for name, column in parsed.items():
         specs.minv[name], specs.maxv[name] = _range(column.values)
         if column.is_list:
             lengths = column.lengths
             specs.jdim[name] = int(lengths.max()) if lengths.size else 0
+            if specs.truncated is not None:
+                specs.truncated[name] = int(np.maximum(lengths - max_jagged_dim, 0).sum())
     n = next(iter(parsed.values())).num_events if parsed else 0
     specs.events = {"total": n}
     if file_paths is not None and FILE_INDEX_COLUMN in columns:
@@ -181,6 +201,11 @@ def merge_specs(a: FeatureSpecs, b: FeatureSpecs) -> FeatureSpecs:
         merged.maxv[key] = max(a.maxv.get(key, EMPTY_MAX), b.maxv.get(key, EMPTY_MAX))
     for key in merged.jkeys:
         merged.jdim[key] = max(a.jdim.get(key, 0), b.jdim.get(key, 0))
+    if a.truncated is not None or b.truncated is not None:
+        merged.truncated = {
+            key: (a.truncated or {}).get(key, 0) + (b.truncated or {}).get(key, 0)
+            for key in merged.jkeys
+        }
     events = dict(a.events)
     for name, count in b.events.items():
         events[name] = events.get(name, 0) + count
@@ -188,9 +213,11 @@ def merge_specs(a: FeatureSpecs, b: FeatureSpecs) -> FeatureSpecs:
     return merged
 
 
-def _specs_of_batch(batch: pa.Table, exclude: list[str], file_paths: list[str]) -> pa.Table:
+def _specs_of_batch(
+    batch: pa.Table, exclude: list[str], file_paths: list[str], max_jagged_dim: int | None
+) -> pa.Table:
     columns = {name: batch.column(name) for name in batch.column_names}
-    specs = block_specs(columns, exclude, file_paths)
+    specs = block_specs(columns, exclude, file_paths, max_jagged_dim)
     return pa.table({"specs": [json.dumps(specs.to_dict())]})
 
 
@@ -198,7 +225,8 @@ def compute_specs(ds: ray.data.Dataset, spec: PipelineSpec) -> FeatureSpecs:
     """Compute the specs of every event of ``ds`` (as made by ``read_events``).
 
     Each block's specs are computed where the block lives; only those small
-    summaries come back to be merged. ``jdim`` is capped by ``spec.max_jagged_dim``.
+    summaries come back to be merged. ``jdim`` is capped by ``spec.max_jagged_dim``,
+    and the values the cap drops are counted in ``truncated``.
     """
     file_paths = spec.resolved_paths()
     partial = ds.map_batches(
@@ -206,7 +234,11 @@ def compute_specs(ds: ray.data.Dataset, spec: PipelineSpec) -> FeatureSpecs:
         batch_format="pyarrow",
         batch_size=None,
         zero_copy_batch=True,
-        fn_kwargs={"exclude": list(spec.identifier), "file_paths": file_paths},
+        fn_kwargs={
+            "exclude": list(spec.identifier),
+            "file_paths": file_paths,
+            "max_jagged_dim": spec.max_jagged_dim,
+        },
     )
     parts = [FeatureSpecs.from_dict(json.loads(row["specs"])) for row in partial.take_all()]
     if not parts:

@@ -90,6 +90,10 @@ class ModelServer:
         """Outputs for raw physics events, flattened with the bundle's specs.json."""
         return await self._measured(lambda model: model.events_matrix(events))
 
+    async def predict_image(self, data: bytes) -> np.ndarray:
+        """Outputs for one image file, decoded and resized to the model's input shape."""
+        return await self._measured(lambda model: model.image_matrix(data))
+
     async def _measured(self, inputs: Any) -> np.ndarray:
         """Predict on ``inputs(model)`` for the request's model, counting and timing it."""
         start = time.perf_counter()

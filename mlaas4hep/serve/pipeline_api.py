@@ -6,30 +6,37 @@ Submissions are checked here (spec fields, files, tree, model file syntax) and r
 Jobs; user code never runs in this process.
 """
 
+import asyncio
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from fastapi import Depends, FastAPI
-from fastapi.responses import PlainTextResponse, Response
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
 from mlaas4hep import __version__
 from mlaas4hep.platform.auth import AuthConfig, Principal, TokenValidator
-from mlaas4hep.platform.config import PipelineSpec, SpecError, parse_spec
+from mlaas4hep.platform.config import PipelineSpec, SpecError, parse_spec, read_spec_text
 from mlaas4hep.platform.jobs import PipelineJobs
 from mlaas4hep.platform.registry import ModelRegistry
 from mlaas4hep.platform.runs import RunNotFound, RunState, RunStore, new_run_id
 from mlaas4hep.platform.settings import Settings, as_settings
 from mlaas4hep.platform.storage import Storage
+from mlaas4hep.platform.uploads import UserFiles
+from mlaas4hep.serve.api_resources import install_file_routes, install_model_routes, save_upload
 from mlaas4hep.serve.errors import ApiError, install_error_handlers
+from mlaas4hep.serve.predictions_api import install_prediction_routes
 from mlaas4hep.serve.security import principal_dependency
 
 #: Run artifacts a client may download, besides plots/<name>.png.
 ARTIFACTS = ("spec.json", "specs.json", "metrics.json", "history.json", "status.json", "log")
 MAX_MODEL_SOURCE_BYTES = 1_000_000
+LOG_POLL_SECONDS = 1.0
 
 
 class SubmitRequest(BaseModel):
@@ -64,6 +71,7 @@ class PipelineRecord(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     model: ModelRef | None = None
     job_id: str | None = None
+    resumes: int = 0
 
 
 class PipelineList(BaseModel):
@@ -125,6 +133,105 @@ def _check_submission(request: SubmitRequest) -> tuple[PipelineSpec, str | None]
     return spec, request.model_source
 
 
+def check_limits(ctx: ApiContext, spec: PipelineSpec, principal: Principal) -> None:
+    """ApiError 429/422 when ``principal`` has too many active pipelines or ``spec`` asks
+    for more than one pipeline may (``max_*_per_pipeline`` settings)."""
+    cfg = ctx.settings
+    res = spec.resources
+    asked = {
+        "workers": (res.num_workers, cfg.max_workers_per_pipeline),
+        "CPUs": (res.num_workers * res.cpus_per_worker, cfg.max_cpus_per_pipeline),
+        "GPUs": (res.num_workers * res.gpus_per_worker, cfg.max_gpus_per_pipeline),
+    }
+    for what, (value, limit) in asked.items():
+        if value > limit:
+            raise ApiError(
+                422,
+                f"spec.resources: the pipeline asks for {value:g} {what}; "
+                f"at most {limit:g} per pipeline",
+            )
+    active = [r for r in ctx.runs.list(principal.owner) if not RunState(r["state"]).finished]
+    if len(active) >= cfg.max_active_pipelines:
+        raise ApiError(
+            429,
+            f"you have {len(active)} pipelines pending or running, the limit is "
+            f"{cfg.max_active_pipelines}: wait for one to finish or cancel one",
+        )
+
+
+def start_pipeline(
+    ctx: ApiContext,
+    request: SubmitRequest,
+    principal: Principal,
+    run_id: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Check a submission and the caller's limits, record it and start its Ray Job.
+
+    ``fields`` are stored in the run's record. Returns the record.
+    """
+    spec, model_source = _check_submission(request)
+    check_limits(ctx, spec, principal)
+    run_id = run_id or new_run_id()
+    if model_source is not None:
+        ctx.storage.write_text(model_source, "runs", run_id, "model.py")
+        spec.model.file = ctx.storage.uri("runs", run_id, "model.py")
+    ctx.storage.write_text(spec.to_json(), "runs", run_id, "spec.json")
+    ctx.runs.create(run_id, owner=principal.owner, name=spec.name, job_id=run_id, **fields)
+    try:
+        ctx.jobs.submit(run_id, principal.owner, ctx.storage.uri("runs", run_id, "spec.json"))
+    except Exception as error:
+        ctx.runs.update(run_id, state=RunState.FAILED, message=f"submission failed: {error}")
+        raise ApiError(503, f"the cluster did not accept the pipeline: {error}") from None
+    return ctx.runs.get(run_id)
+
+
+def resume_pipeline(ctx: ApiContext, record: dict[str, Any]) -> dict[str, Any]:
+    """Submit a new Ray Job (id ``<run_id>-r<n>``) for the cancelled or failed run ``record``.
+
+    The job runs the run's stored spec under the same run id, so the trainer finds the
+    checkpoints kept under it. ApiError 409 when the run cannot be resumed (yet).
+    """
+    run_id, state = record["id"], RunState(record["state"])
+    if state not in {RunState.FAILED, RunState.CANCELLED}:
+        raise ApiError(
+            409, f"pipeline {run_id!r} is {state.lower()}: only a cancelled or failed one resumes"
+        )
+    previous = ctx.jobs.view(record.get("job_id") or run_id)
+    if previous is not None and previous.state in {"PENDING", "RUNNING"}:
+        raise ApiError(
+            409, f"pipeline {run_id!r}: its job {previous.job_id} is still stopping; retry soon"
+        )
+    resumes = int(record.get("resumes") or 0) + 1
+    job_id = f"{run_id}-r{resumes}"
+    ctx.runs.update(
+        run_id,
+        state=RunState.PENDING,
+        stage="resuming",
+        message="",
+        job_id=job_id,
+        resumes=resumes,
+    )
+    spec_uri = ctx.storage.uri("runs", run_id, "spec.json")
+    try:
+        ctx.jobs.submit(run_id, record["owner"], spec_uri, job_id=job_id)
+    except Exception as error:
+        ctx.runs.update(run_id, state=RunState.FAILED, message=f"resume failed: {error}")
+        raise ApiError(503, f"the cluster did not accept the pipeline: {error}") from None
+    return ctx.runs.get(run_id)
+
+
+def run_log(ctx: ApiContext, record: dict[str, Any]) -> str:
+    """A run's log: the Ray job's output, or the stored log once Ray forgot the job."""
+    logs = ctx.jobs.logs(record.get("job_id") or record["id"])
+    if logs:
+        return logs
+    try:
+        return ctx.storage.read_text("runs", record["id"], "log")
+    except FileNotFoundError:
+        return ""
+
+
 def _record(ctx: ApiContext, run_id: str, principal: Principal) -> dict[str, Any]:
     """The run's record if the caller may see it, with the Ray job's view merged in."""
     try:
@@ -144,6 +251,71 @@ def _record(ctx: ApiContext, run_id: str, principal: Principal) -> dict[str, Any
             run_id, state=RunState.FAILED, message="the job ended without registering a model"
         )
     return record
+
+
+async def _form_text(value: Any, field: str) -> str:
+    """A multipart field's text, whether sent as a plain field or as a file."""
+    if isinstance(value, str):
+        return value
+    if value is not None and hasattr(value, "read"):
+        data = await value.read(MAX_MODEL_SOURCE_BYTES + 1)
+        if len(data) > MAX_MODEL_SOURCE_BYTES:
+            raise ApiError(413, f"{field}: larger than {MAX_MODEL_SOURCE_BYTES} bytes")
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise ApiError(422, f"{field}: not UTF-8 text") from None
+    raise ApiError(422, f"multipart form has no {field!r} part")
+
+
+def install_multipart_submit(app: FastAPI, ctx: ApiContext, submitter: Any) -> None:
+    """``POST /pipelines/upload``: a submission as a multipart form with its files."""
+
+    @app.post("/pipelines/upload", status_code=201, response_model=PipelineRecord)
+    async def submit_multipart(request: Request, principal: submitter) -> dict:
+        """Submit with files: ``spec`` (YAML or JSON), optional ``model`` (model.py) and any
+        number of ``data`` files. Spec entries naming a data file by its name read the
+        uploaded copy, which is kept with the run and deleted with it."""
+        form = await request.form(max_files=1000)
+        spec_text = await _form_text(form.get("spec"), "spec")
+        try:
+            spec_data = read_spec_text(spec_text, "spec")
+        except SpecError as error:
+            raise ApiError(422, str(error)) from None
+        model = form.get("model")
+        model_source = None if model is None else await _form_text(model, "model")
+        run_id = new_run_id()
+        # Uploaded inputs belong to the run: deleting the run deletes them.
+        inputs = UserFiles(
+            ctx.storage, ("runs", run_id, "inputs"), ctx.settings.max_upload_bytes, 2**62
+        )
+        uploaded: dict[str, str] = {}
+        try:
+            for upload in form.getlist("data"):
+                if not hasattr(upload, "read"):
+                    raise ApiError(422, "multipart 'data' parts must be files")
+                name = Path(upload.filename or "").name
+                await save_upload(inputs, name, upload)
+                uploaded[name] = ctx.storage.uri("runs", run_id, "inputs", name)
+            files = spec_data.get("files")
+            if isinstance(files, list):
+                spec_data["files"] = [
+                    {**f, "path": uploaded.get(f.get("path"), f.get("path"))}
+                    if isinstance(f, dict)
+                    else uploaded.get(f, f)
+                    for f in files
+                ]
+            if model_source is not None:
+                spec_data.pop("model", None)
+            body = SubmitRequest(spec=spec_data, model_source=model_source)
+            return await asyncio.to_thread(start_pipeline, ctx, body, principal, run_id)
+        except BaseException as error:
+            if isinstance(error, ApiError):  # name the files as the user sent them
+                for name, uri in uploaded.items():
+                    error.message = error.message.replace(uri, name)
+            if not ctx.storage.exists("runs", run_id, "status.json"):
+                ctx.storage.delete("runs", run_id)
+            raise
 
 
 def create_pipeline_api(ctx: ApiContext) -> FastAPI:
@@ -169,31 +341,35 @@ def create_pipeline_api(ctx: ApiContext) -> FastAPI:
             "admin": principal.is_admin,
         }
 
+    install_prediction_routes(app, ctx, User, Submitter)
+
     @app.post("/pipelines", status_code=201, response_model=PipelineRecord)
     def submit(request: SubmitRequest, principal: Submitter) -> dict:
         """Check a submission and start it as a Ray Job."""
-        spec, model_source = _check_submission(request)
-        run_id = new_run_id()
-        if model_source is not None:
-            ctx.storage.write_text(model_source, "runs", run_id, "model.py")
-            spec.model.file = ctx.storage.uri("runs", run_id, "model.py")
-        ctx.storage.write_text(spec.to_json(), "runs", run_id, "spec.json")
-        ctx.runs.create(run_id, owner=principal.owner, name=spec.name, job_id=run_id)
-        try:
-            ctx.jobs.submit(run_id, principal.owner, ctx.storage.uri("runs", run_id, "spec.json"))
-        except Exception as error:
-            ctx.runs.update(run_id, state=RunState.FAILED, message=f"submission failed: {error}")
-            raise ApiError(503, f"the cluster did not accept the pipeline: {error}") from None
-        return ctx.runs.get(run_id)
+        return start_pipeline(ctx, request, principal)
 
     @app.get("/pipelines", response_model=PipelineList)
-    def list_pipelines(principal: User, state: str | None = None) -> dict:
-        """The caller's pipelines (every pipeline for administrators), newest first."""
-        owner = None if principal.is_admin else principal.owner
-        records = ctx.runs.list(owner)
+    def list_pipelines(
+        principal: User,
+        state: str | None = None,
+        name: str | None = None,
+        owner: str | None = None,
+        limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
+    ) -> dict:
+        """The caller's pipelines (every pipeline for administrators), newest first.
+
+        Filters: ``state`` (comma-separated), ``name`` (the spec's model name), ``owner``
+        (administrators only), ``limit`` (newest N).
+        """
+        if owner is not None and not principal.is_admin and owner != principal.owner:
+            raise ApiError(403, "only administrators list other users' pipelines")
+        records = ctx.runs.list(owner or (None if principal.is_admin else principal.owner))
         if state:
-            records = [r for r in records if r.get("state") == state.upper()]
-        return {"pipelines": records}
+            states = {s.strip().upper() for s in state.split(",")}
+            records = [r for r in records if r.get("state") in states]
+        if name:
+            records = [r for r in records if r.get("name") == name]
+        return {"pipelines": records[:limit]}
 
     @app.get("/pipelines/{run_id}", response_model=PipelineRecord)
     def get_pipeline(run_id: str, principal: User) -> dict:
@@ -201,16 +377,29 @@ def create_pipeline_api(ctx: ApiContext) -> FastAPI:
         return _record(ctx, run_id, principal)
 
     @app.get("/pipelines/{run_id}/logs", response_class=PlainTextResponse)
-    def pipeline_logs(run_id: str, principal: User) -> str:
-        """The pipeline's log: the Ray job's output, or the stored log once Ray forgot it."""
+    def pipeline_logs(run_id: str, principal: User, follow: bool = False) -> Response:
+        """The pipeline's log: the Ray job's output, or the stored log once Ray forgot it.
+
+        With ``follow=true`` the answer streams the log as it grows and ends when the
+        pipeline finishes.
+        """
         record = _record(ctx, run_id, principal)
-        logs = ctx.jobs.logs(record.get("job_id") or run_id)
-        if logs:
-            return logs
-        try:
-            return ctx.storage.read_text("runs", run_id, "log")
-        except FileNotFoundError:
-            return ""
+        if not follow:
+            return PlainTextResponse(run_log(ctx, record))
+
+        def stream() -> Iterator[str]:
+            sent = 0
+            while True:
+                latest = _record(ctx, run_id, principal)
+                text = run_log(ctx, latest)
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+                if RunState(latest["state"]).finished:
+                    return
+                time.sleep(LOG_POLL_SECONDS)
+
+        return StreamingResponse(stream(), media_type="text/plain")
 
     @app.get("/pipelines/{run_id}/artifacts")
     def list_artifacts(run_id: str, principal: User) -> dict:
@@ -255,10 +444,23 @@ def create_pipeline_api(ctx: ApiContext) -> FastAPI:
             raise ApiError(
                 409, f"pipeline {run_id!r} is {record['state'].lower()}: cancel it first"
             )
+        job = ctx.jobs.view(record.get("job_id") or run_id)
+        if job is not None and job.state in {"PENDING", "RUNNING"}:
+            # A stopping job could still write into the run's folder after it is deleted.
+            raise ApiError(409, f"pipeline {run_id!r} is still stopping: retry in a few seconds")
         ctx.jobs.delete(record.get("job_id") or run_id)
         ctx.runs.delete(run_id)
         return {"deleted": run_id}
 
+    @app.post("/pipelines/{run_id}/resume", response_model=PipelineRecord)
+    def resume(run_id: str, principal: Submitter) -> dict:
+        """Run a cancelled or failed pipeline again as a new Ray Job of the same run:
+        training continues from the run's latest checkpoint."""
+        return resume_pipeline(ctx, _record(ctx, run_id, principal))
+
+    install_file_routes(app, ctx, User)
+    install_model_routes(app, ctx, User)
+    install_multipart_submit(app, ctx, Submitter)
     return app
 
 

@@ -8,6 +8,8 @@ storage on every request) and :class:`~mlaas4hep.serve.model_server.ModelServer`
     POST /events, /predict/events {"events": {branch: value(s)} | [...], "model": "m"}: raw
                                   physics events, flattened with the bundle's specs.json
     POST /proto, /predict/proto   tfaaspb.Row -> tfaaspb.Predictions
+    POST /image, /predict/image   multipart ``image`` file + ``model``: the image decoded,
+                                  resized to the model's input and scaled to [0, 1]
     POST /upload, /bundle         multipart name/params/model/labels, or a gzip tarball body
     GET  /models, /params/{model}, /params;  POST /params (the caller's default model)
     DELETE /delete (form or query field ``model``), /delete/{model}
@@ -81,6 +83,10 @@ class TFaaSOptions(BaseModel):
     model_min_replicas: int = Field(default=1, ge=1)
     model_max_replicas: int = Field(default=2, ge=1)
     target_ongoing_requests: float = Field(default=8.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0, description="Serve autoscaling")
+    downscale_delay_s: float = Field(default=600.0, ge=0, description="Serve autoscaling")
+    look_back_period_s: float = Field(default=30.0, gt=0, description="Serve autoscaling")
+    metrics_interval_s: float = Field(default=10.0, gt=0, description="Serve autoscaling")
     ingress_cpus: float = Field(default=0.1, gt=0)
     model_cpus: float = Field(default=0.25, gt=0)
 
@@ -171,9 +177,15 @@ class TFaaSService:
 
     @classmethod
     def check_access(cls, record: ModelRecord, principal: Principal, write: bool = False) -> None:
-        """ApiError 403 unless ``principal`` may use ``record`` (own it, when ``write``)."""
-        owner = principal.is_admin or record.owner == principal.owner
-        if not (owner if write else cls.may_use(record, principal)):
+        """ApiError unless ``principal`` may use ``record`` (own it, when ``write``).
+
+        A model the caller may not see answers 404 like a missing one, so other tenants'
+        private models do not leak; a visible model the caller does not own answers 403
+        to a write.
+        """
+        if not cls.may_use(record, principal):
+            raise ApiError(404, f"model {record.name!r} not found")
+        if write and not (principal.is_admin or record.owner == principal.owner):
             raise ApiError(403, f"model {record.name!r} belongs to another user")
 
     def _record(self, name: str) -> ModelRecord:
@@ -254,6 +266,12 @@ class TFaaSService:
     ) -> tuple[str, int, np.ndarray]:
         name, version, model_id = await self.resolve(ref, principal)
         return name, version, await self.call(model_id, "predict_events", events)
+
+    async def predict_image(
+        self, ref: str, image: bytes, principal: Principal
+    ) -> tuple[str, int, np.ndarray]:
+        name, version, model_id = await self.resolve(ref, principal)
+        return name, version, await self.call(model_id, "predict_image", image)
 
     async def describe(self, ref: str, principal: Principal) -> dict[str, Any]:
         _, _, model_id = await self.resolve(ref, principal)
@@ -393,10 +411,10 @@ async def _form_file(form: Any, field: str) -> tuple[str, bytes] | None:
     return field, str(value).encode()
 
 
-async def _required_file(form: Any, field: str) -> tuple[str, bytes]:
+async def _required_file(form: Any, field: str, what: str = "upload form") -> tuple[str, bytes]:
     item = await _form_file(form, field)
     if item is None:
-        raise ApiError(400, f"upload form lacks the {field!r} file")
+        raise ApiError(400, f"{what} lacks the {field!r} file")
     return item
 
 
@@ -495,12 +513,24 @@ def build_router(service: "TFaaSService") -> APIRouter:
         )
         return Response(answer.SerializeToString(), media_type="application/octet-stream")
 
+    async def predict_image(request: Request, principal: User) -> Any:
+        try:
+            form = await request.form(max_files=2, max_fields=4)
+        except Exception as error:
+            raise ApiError(400, f"invalid multipart image request: {error}") from None
+        _, image = await _required_file(form, "image", "image request")
+        ref = _form_text(form, "model") or service.default_model(principal)
+        _, _, out = await service.predict_image(ref, image, principal)
+        return JSONResponse(rows_response(out, single_row=True))
+
     for path in ("/json", "/predict/json"):
         router.add_api_route(path, predict_json, methods=["POST"])
     for path in ("/events", "/predict/events"):
         router.add_api_route(path, predict_events, methods=["POST"])
     for path in ("/proto", "/predict/proto"):
         router.add_api_route(path, predict_proto, methods=["POST"])
+    for path in ("/image", "/predict/image"):
+        router.add_api_route(path, predict_image, methods=["POST"])
 
     async def upload(request: Request, principal: User) -> Any:
         size = request.headers.get("content-length")
@@ -524,6 +554,7 @@ def build_router(service: "TFaaSService") -> APIRouter:
     router.add_api_route("/bundle", upload, methods=["POST"])
 
     @router.get("/models")
+    @router.get("/models/")  # as TFaaS's docs call it; a redirect would lose the base path
     async def models(principal: User) -> Any:
         return await service.list_models(principal)
 
@@ -636,6 +667,10 @@ def _deployment(cls: type, role: str, options: TFaaSOptions) -> Any:
             "initial_replicas": low,
             "max_replicas": max(low, getattr(options, f"{role}_max_replicas")),
             "target_ongoing_requests": options.target_ongoing_requests,
+            "upscale_delay_s": options.upscale_delay_s,
+            "downscale_delay_s": options.downscale_delay_s,
+            "look_back_period_s": options.look_back_period_s,
+            "metrics_interval_s": options.metrics_interval_s,
         },
     )
 

@@ -8,6 +8,7 @@ A bundle folder holds::
     params.json     TFaaS params: name, model, labels, inputNode, outputNode, ...
     labels.txt      one class label a line
     metadata.json   owner, run_id, spec_sha256, metrics, feature_names, created
+    model.onnx      optional: the same model in ONNX (Triton/SONIC), input ``features``
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 MODEL_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
 SIGNATURE = "serving_default"
+ONNX_FILE = "model.onnx"
+#: ONNX opset of exported models (supported by ONNX Runtime and Triton's ONNX backend).
+ONNX_OPSET = 17
 
 
 def _json_safe(value: Any) -> Any:
@@ -53,6 +57,19 @@ def _export_saved_model(model, path: Path) -> tuple[str, str]:
     return next(iter(inputs)), next(iter(signature.structured_outputs))
 
 
+def export_onnx(model, path: Path, opset: int = ONNX_OPSET) -> str:
+    """Write ``model`` (one 2-D float input) as ONNX at ``path``; return its output name."""
+    import tensorflow as tf
+    import tf2onnx
+
+    n_features = model.inputs[0].shape[-1]
+    signature = [tf.TensorSpec((None, n_features), tf.float32, name="features")]
+    proto, _ = tf2onnx.convert.from_keras(
+        model, input_signature=signature, opset=opset, output_path=str(path)
+    )
+    return proto.graph.output[0].name
+
+
 def write_bundle(
     out_dir: str | Path,
     model_dir: str | Path,
@@ -66,12 +83,14 @@ def write_bundle(
     run_id: str,
     spec_json: str,
     description: str | None = None,
+    onnx: bool = False,
 ) -> Path:
     """Write the bundle of the model in ``model_dir`` (holding ``model.keras``) to ``out_dir``.
 
     ``specs`` is the MLaaS4HEP specs mapping, ``feature_names`` the model input order,
     ``labels`` the class labels, ``metrics`` the test metrics and ``spec_json`` the
-    pipeline spec (its sha256 goes into metadata.json). Returns ``out_dir``.
+    pipeline spec (its sha256 goes into metadata.json); ``onnx`` adds ``model.onnx``.
+    Returns ``out_dir``.
     """
     import tf_keras
 
@@ -87,6 +106,11 @@ def write_bundle(
             f"{len(feature_names)} feature names were given"
         )
     input_node, output_node = _export_saved_model(model, out / SAVED_MODEL_DIR)
+    onnx_info = (
+        {"file": ONNX_FILE, "input": "features", "output": export_onnx(model, out / ONNX_FILE)}
+        if onnx
+        else None
+    )
     created = datetime.now(UTC).isoformat(timespec="seconds")
 
     if specs is not None:
@@ -120,6 +144,7 @@ def write_bundle(
             "n_features": len(feature_names),
             "labels": list(labels),
             "saved_model": SAVED_MODEL_DIR,
+            "onnx": onnx_info,
             "created": created,
         },
     )

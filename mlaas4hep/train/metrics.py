@@ -146,13 +146,14 @@ def _plot_confusion(plt, metrics: dict[str, Any], path: Path) -> None:
 def _plot_history(plt, history: list[dict[str, float]], path: Path) -> None:
     names = [n for n in ("loss", "accuracy", "auc") if any(n in row for row in history)]
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
-    epochs = [row.get("epoch", i) + 1 for i, row in enumerate(history)]
+    step = "chunk" if any("chunk" in row for row in history) else "epoch"
+    epochs = [row.get(step, i) + 1 for i, row in enumerate(history)]
     for ax, name in zip(axes[0], names, strict=True):
         for prefix, label in (("", "train"), ("val_", "validation")):
             values = [row.get(prefix + name, math.nan) for row in history]
             if not all(math.isnan(v) for v in values):
                 ax.plot(epochs, values, marker="o", label=label)
-        ax.set(xlabel="Epoch", ylabel=name, title=name)
+        ax.set(xlabel=step.capitalize(), ylabel=name, title=name)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -162,17 +163,19 @@ def _plot_history(plt, history: list[dict[str, float]], path: Path) -> None:
 def save_plots(metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Write PNG plots of ``metrics`` (from :func:`evaluate`) into ``out_dir``.
 
-    Writes ``roc.png`` (when both classes are present), ``scores.png``,
-    ``confusion_matrix.png`` and, when ``metrics`` has a ``history`` list of per-epoch
-    rows, ``history.png``. Returns the paths written.
+    Writes ``roc.png`` (when both classes are present), ``scores.png`` and
+    ``confusion_matrix.png`` (when there are test metrics) and, when ``metrics`` has a
+    ``history`` list of per-epoch rows, ``history.png``. Returns the paths written.
     """
     plt = _figure()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    plots = [("scores.png", _plot_scores), ("confusion_matrix.png", _plot_confusion)]
+    plots = []
     if metrics.get("auc") is not None:
-        plots.insert(0, ("roc.png", _plot_roc))
+        plots.append(("roc.png", _plot_roc))
+    if "score_distribution" in metrics:  # absent when the test split was empty
+        plots += [("scores.png", _plot_scores), ("confusion_matrix.png", _plot_confusion)]
     for name, plot in plots:
         plot(plt, metrics, out / name)
         written.append(out / name)

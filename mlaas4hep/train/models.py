@@ -123,17 +123,20 @@ def load_model_function(source: str, path: str) -> types.FunctionType:
     return function
 
 
-def model_from_source(source: str, path: str, idim: int) -> tf_keras.Model:
-    """Run ``model(idim)`` of model-file ``source`` and check it returns a compiled Keras model."""
+def model_from_source(
+    source: str, path: str, idim: int, kwargs: dict[str, Any] | None = None
+) -> tf_keras.Model:
+    """Run ``model(idim, **kwargs)`` of model-file ``source``; check it returns a compiled model."""
     import tf_keras
 
     function = load_model_function(source, path)
     line = getattr(getattr(function, "__code__", None), "co_firstlineno", None)
     where = f"{path}, line {line}" if line else path
+    call = ", ".join([str(idim), *(f"{k}={v!r}" for k, v in (kwargs or {}).items())])
     try:
-        model = function(idim)
+        model = function(idim, **(kwargs or {}))
     except Exception as error:
-        raise _user_error(error, path, f"{MODEL_FUNCTION}({idim})") from error
+        raise _user_error(error, path, f"{MODEL_FUNCTION}({call})") from error
     if not isinstance(model, tf_keras.Model):
         kind = f"{type(model).__module__}.{type(model).__qualname__}"
         hint = (
@@ -187,5 +190,5 @@ def build_model(model_spec: ModelSpec, idim: int, *, source: str | None = None) 
     if model_spec.file:
         if source is None:
             source = read_model_source(model_spec.file)
-        return model_from_source(source, model_spec.file, idim)
+        return model_from_source(source, model_spec.file, idim, model_spec.kwargs)
     return mlp_model(model_spec.mlp or MLPSpec(), idim)

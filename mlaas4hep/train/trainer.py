@@ -8,6 +8,10 @@ Train V2) and rank 0 adds a checkpoint (``model.keras`` + ``state.json``) under 
 storage path; a restarted run resumes from the latest one. The test split is then
 scored in the driver batch by batch.
 
+In ``chunk`` mode (MLaaS4HEP's workflow) each worker streams its shard in chunks of
+``chunk_size / num_workers`` events, fits each chunk ``epochs`` times, then moves on:
+one pass over the data, one report (and checkpoint) per chunk.
+
 Legacy Keras (``tf_keras``) is used because Keras 3 fails under
 ``MultiWorkerMirroredStrategy`` in Ray Train; ``TF_USE_LEGACY_KERAS=1`` is set here
 before TensorFlow loads, and again in each worker.
@@ -158,8 +162,14 @@ def _fmt(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
+#: Set on an autoscaling cluster (KubeRay): today's nodes are not all the cluster can have.
+AUTOSCALING_ENV = "MLAAS4HEP_AUTOSCALING"
+
+
 def check_resources(resources: ResourcesSpec, *, data_cpus: float = 1.0) -> None:
     """Raise :class:`ResourceError` at once if the training can never be placed.
+
+    Skipped when ``MLAAS4HEP_AUTOSCALING`` is true: the autoscaler adds the nodes.
 
     Checks the cluster's totals (not what is free now: a busy cluster queues, a too
     small one would wait forever): every worker must fit on one node, all workers
@@ -170,6 +180,8 @@ def check_resources(resources: ResourcesSpec, *, data_cpus: float = 1.0) -> None
 
     if not ray.is_initialized():
         raise ResourceError("no Ray cluster: call ray.init() (or start the platform) first")
+    if os.environ.get(AUTOSCALING_ENV, "").lower() in {"1", "true", "yes"}:
+        return  # the autoscaler starts the nodes asked for (GPU groups scale from zero)
     per_worker = worker_resources(resources)
     n = resources.num_workers
     total = {k: float(v) for k, v in ray.cluster_resources().items()}
@@ -247,12 +259,17 @@ def _with_auc(model) -> None:
     model.compile(**config)
 
 
-def _agree(strategy, value: float) -> float:
-    """Mean of ``value`` over all replicas of all workers (a collective: every rank calls it)."""
+def _agree(strategy, value: float, reduce: str = "mean") -> float:
+    """``value`` reduced over all replicas of all workers: their ``mean`` or ``min``.
+
+    A collective: every rank calls it, in the same order.
+    """
     import tensorflow as tf
 
-    per_replica = strategy.run(lambda: tf.constant(value, dtype=tf.float32))
-    return float(strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None))
+    per_replica = strategy.run(lambda: tf.constant([value], dtype=tf.float32))
+    if reduce == "min":
+        return float(tf.reduce_min(strategy.gather(per_replica, axis=0)))
+    return float(strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=0))
 
 
 @dataclass
@@ -288,8 +305,76 @@ def _restore(model) -> tuple[int, list[dict[str, float]]]:
     return state["epoch"] + 1, state["history"]
 
 
+def _report_step(model, rank: int, step: int, row: dict[str, Any], history, stop: bool) -> None:
+    """Report one epoch (or chunk) from every rank; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    weights = model.get_weights()
+    report = {
+        **row,
+        "rank": rank,
+        "pid": os.getpid(),
+        "weights_sha256": _weights_digest(weights),
+        "weights_sum": float(sum(np.sum(w, dtype=np.float64) for w in weights)),
+        "stopped_early": stop,
+    }
+    with tempfile.TemporaryDirectory(prefix="mlaas4hep-ckpt-") as folder:
+        # Every rank saves (saving may read synchronized variables); only rank 0's is kept.
+        model.save(os.path.join(folder, "model.keras"))
+        checkpoint = None
+        if rank == 0:
+            Path(folder, "state.json").write_text(json.dumps({"epoch": step, "history": history}))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{step:05d}")
+
+
+def _last(fit) -> dict[str, float]:
+    """The last value of each metric of a ``model.fit`` history."""
+    return {k: float(v[-1]) for k, v in fit.history.items() if len(v)}
+
+
+def _chunks(shard, rows: int):
+    """(features, labels) numpy chunks of ``rows`` rows streamed from a worker's shard."""
+    for batch in shard.iter_batches(batch_size=rows, batch_format="numpy"):
+        yield to_model_input(batch["features"]), np.asarray(batch["label"], dtype=np.float32)
+
+
+def _agreed_chunks(strategy, shard, rows: int, world: int):
+    """This rank's chunks, cut so that every rank fits the same number of rows.
+
+    Yields ``(features, labels, events)``, ``events`` counting the rows of all ranks so
+    far. Shards differ by a few rows at most: each chunk is cut to the smallest one
+    among the ranks, and all ranks stop at the first rank without data (a collective
+    per chunk: every rank iterates to the end together).
+    """
+    chunks, events = _chunks(shard, rows), 0
+    while True:
+        x, y = next(chunks, (np.empty((0, 0), np.float32), np.empty(0, np.float32)))
+        n = int(_agree(strategy, float(len(x)), reduce="min"))
+        if n == 0:
+            return
+        events += n * world
+        yield x[:n], y[:n], events
+
+
+def _chunk_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None):
+    """A ``tf.data.Dataset`` of one in-memory chunk, not auto-sharded (the chunk is this rank's)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if seed is not None:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.batch(batch_size).with_options(options)
+
+
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Body of each Ray Train worker: fit under MultiWorkerMirroredStrategy, report per epoch."""
+    """Body of each Ray Train worker: fit under MultiWorkerMirroredStrategy, report per step.
+
+    A step is an epoch over the whole shard (``standard`` mode) or one chunk fitted
+    ``epochs`` times (``chunk`` mode). Every rank takes the same steps and reports each.
+    """
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     import ray.train
     import tensorflow as tf
@@ -316,7 +401,6 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
     batch_size = config["batch_size"]
     seed = training.seed + rank if training.shuffle else None
-    train = _tf_dataset(ray.train.get_dataset_shard("train"), n_features, batch_size, seed)
     validation = (
         _tf_dataset(ray.train.get_dataset_shard("validation"), n_features, batch_size, None)
         if config["has_validation"]
@@ -327,35 +411,39 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     stopper = EarlyStopping(training.early_stopping_patience, training.early_stopping_min_delta)
     for row in history:  # resumed: the same state on every rank (rank 0's checkpoint)
         stopper.update(row.get(monitor, math.inf))
+
+    def finish_step(step: int, row: dict[str, Any]) -> bool:
+        history.append(row)
+        # Every rank must take the same decision, or the next collective hangs.
+        stop = stopper.update(_agree(strategy, row.get(monitor, math.inf)))
+        _report_step(model, rank, step, row, history, stop)
+        return stop
+
+    shard = ray.train.get_dataset_shard("train")
+    if training.mode == "chunk":
+        world = ctx.get_world_size()
+        rows = max(1, config["chunk_size"] // world)
+        for step, (x, y, events) in enumerate(_agreed_chunks(strategy, shard, rows, world)):
+            if step < start:  # resumed: chunks fitted before the restart are skipped
+                continue
+            fit = model.fit(
+                _chunk_dataset(x, y, batch_size, seed),
+                validation_data=validation,
+                validation_freq=config["epochs"],
+                epochs=config["epochs"],
+                verbose=0,
+                class_weight=class_weight,
+            )
+            if finish_step(step, {"chunk": step, "events": events, **_last(fit)}):
+                break
+        return
+
+    train = _tf_dataset(shard, n_features, batch_size, seed)
     for epoch in range(start, config["epochs"]):
         fit = model.fit(
             train, validation_data=validation, epochs=1, verbose=0, class_weight=class_weight
         )
-        row = {"epoch": epoch, **{k: float(v[-1]) for k, v in fit.history.items()}}
-        history.append(row)
-        # Every rank must take the same decision, or the next collective hangs.
-        stop = stopper.update(_agree(strategy, row.get(monitor, math.inf)))
-        weights = model.get_weights()
-        report = {
-            **row,
-            "rank": rank,
-            "pid": os.getpid(),
-            "weights_sha256": _weights_digest(weights),
-            "weights_sum": float(sum(np.sum(w, dtype=np.float64) for w in weights)),
-            "stopped_early": stop,
-        }
-        with tempfile.TemporaryDirectory(prefix="mlaas4hep-ckpt-") as folder:
-            # Every rank saves (saving may read synchronized variables); only rank 0's is kept.
-            model.save(os.path.join(folder, "model.keras"))
-            checkpoint = None
-            if rank == 0:
-                state = {"epoch": epoch, "history": history}
-                Path(folder, "state.json").write_text(json.dumps(state))
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(
-                report, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:05d}"
-            )
-        if stop:
+        if finish_step(epoch, {"epoch": epoch, **_last(fit)}):
             break
 
 
@@ -368,7 +456,8 @@ class TrainResult:
 
     #: Local folder holding ``model.keras`` (the kept epoch's model).
     model_dir: Path
-    #: One row per epoch (rank 0): ``epoch``, ``loss``, ``accuracy``, ``auc``, ``val_*``.
+    #: One row per epoch (rank 0): ``epoch``, ``loss``, ``accuracy``, ``auc``, ``val_*``;
+    #: in ``chunk`` mode one row per chunk, with ``chunk`` and ``events`` (seen so far).
     history: list[dict[str, float]]
     #: Test-split metrics from :func:`mlaas4hep.train.metrics.evaluate` plus ``history``,
     #: ``epochs_run``, ``kept_epoch`` and ``num_workers``.
@@ -390,12 +479,29 @@ def _progress_callback(queue):
     return _Progress()
 
 
+#: Report keys that describe the worker, not the model's training.
+WORKER_KEYS = frozenset({"rank", "pid", "weights_sha256", "weights_sum", "stopped_early"})
+
+
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
     return {
         k: float(v)
         for k, v in row.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and k not in {"rank", "epoch"}
+        if isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and k not in {"rank", "epoch", "chunk"}
     }
+
+
+def epoch_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The training metrics of an ``on_epoch`` report (``loss``, ``auc``, ``val_loss``, ...),
+    without the worker's bookkeeping (pid, weight digests)."""
+    return {k: v for k, v in metrics.items() if k not in WORKER_KEYS}
+
+
+def _step(row: dict[str, Any]) -> int:
+    """Index of a report's step: its epoch, or its chunk in ``chunk`` mode."""
+    return int(row.get("epoch", row.get("chunk", 0)))
 
 
 def _model_source(model_spec: ModelSpec) -> str | None:
@@ -422,7 +528,7 @@ def _fit(trainer, queue, on_epoch) -> tuple[Any, list[dict[str, Any]]]:
             last = ranks
             if on_epoch is not None and ranks:
                 try:
-                    on_epoch(int(ranks[0].get("epoch", 0)) + 1, _scalars(ranks[0]))
+                    on_epoch(_step(ranks[0]) + 1, _scalars(ranks[0]))
                 except Exception:
                     logger.exception("on_epoch callback failed")
         if done:
@@ -477,7 +583,9 @@ def train_model(
     padding allowed) and ``label`` (0/1) columns, keyed ``train`` and optionally
     ``validation`` and ``test``. ``spec.batch_size`` is the global batch (shared by the
     workers). Checkpoints go under ``storage_path/run_id``; ``on_epoch(epoch, metrics)``
-    is called in this process after each epoch (epochs count from 1). Returns the kept
+    is called in this process after each epoch (epochs count from 1; in ``chunk`` mode,
+    after each chunk, which it counts). A run started again with the same ``run_id`` and
+    ``storage_path`` resumes from the latest checkpoint there. Returns the kept
     model, the history and the test metrics.
 
     Raises :class:`ResourceError` when the cluster can never place the workers,
@@ -503,6 +611,7 @@ def train_model(
         "n_features": int(n_features),
         "epochs": spec.epochs,
         "batch_size": spec.batch_size,
+        "chunk_size": spec.chunk_size,
         "has_validation": has_validation,
         "threads": max(1, int(spec.resources.cpus_per_worker)),
     }
