@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def run(tmp_path_factory, ray_cluster, spec, run_id: str, recorder: Epochs):
     splits = split_dataset(make_dataset(events()), spec.training)
     storage = tmp_path_factory.mktemp("train-storage")
     result = train_model(spec, splits, N_FEATURES, str(storage), run_id, on_epoch=recorder)
+    # The model folder is the caller's to remove: keep it with the test's temporary files.
+    result.model_dir = Path(shutil.move(result.model_dir, storage / "model"))
     return result, storage, recorder
 
 
