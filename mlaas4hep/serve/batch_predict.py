@@ -101,9 +101,10 @@ class BundleScorer:
     ) -> None:
         from mlaas4hep.serve.bundle import load_bundle, write_tree
 
-        self._tmp = tempfile.TemporaryDirectory(prefix="mlaas4hep-score-")
-        folder = write_tree(source.files, Path(self._tmp.name))
-        self.model = load_bundle(folder, source.name, source.version)
+        # Loaded into memory, then the files go: Ray ends actors without running finalizers.
+        with tempfile.TemporaryDirectory(prefix="mlaas4hep-score-") as tmp:
+            folder = write_tree(source.files, Path(tmp))
+            self.model = load_bundle(folder, source.name, source.version)
         self.specs = source.specs
         self.files = np.asarray(list(files), dtype=object)
         self.identifiers = list(identifiers)
