@@ -423,6 +423,19 @@ def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
+def read_json_object(path: Path, what: str, error: type[Exception] = SpecError) -> dict[str, Any]:
+    """The JSON object in ``path``; ``error`` naming the file when it is missing or not one."""
+    if not path.is_file():
+        raise error(f"{path}: {what} file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: {what} must be a JSON object")
+    return data
+
+
 def _read_lines(path: Path, what: str) -> list[str]:
     if not path.is_file():
         raise SpecError(f"{path}: {what} file not found")
@@ -445,15 +458,7 @@ def spec_from_mlaas4hep_inputs(
     """
     files_path, params_path = Path(files), Path(params)
     file_list = _read_lines(files_path, "files")
-    if not params_path.is_file():
-        raise SpecError(f"{params_path}: params file not found")
-    try:
-        params_data = json.loads(params_path.read_text())
-    except json.JSONDecodeError as error:
-        raise SpecError(f"{params_path}: not valid JSON: {error}") from None
-    if not isinstance(params_data, dict):
-        raise SpecError(f"{params_path}: params must be a JSON object")
-    data: dict[str, Any] = dict(params_data)
+    data: dict[str, Any] = read_json_object(params_path, "params")
     if labels is not None:
         label_list = _read_lines(Path(labels), "labels")
         if len(label_list) != len(file_list):

@@ -30,7 +30,6 @@ calls other than the listed numpy functions.
 from __future__ import annotations
 
 import ast
-import json
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import Any, Literal
 import awkward as ak
 import numpy as np
 
+from mlaas4hep.platform.config import read_json_object
 from mlaas4hep.platform.rootio import DataError
 
 #: numpy functions an expression may call.
@@ -264,12 +264,4 @@ def load_preproc(value: str | Path | Mapping[str, Any] | None) -> Preproc | None
     if isinstance(value, Mapping):
         return parse_preproc(value)
     path = Path(value)
-    if not path.is_file():
-        raise DataError(f"{path}: preprocessing file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: preprocessing must be a JSON object")
-    return parse_preproc(data, str(path))
+    return parse_preproc(read_json_object(path, "preprocessing", DataError), str(path))
