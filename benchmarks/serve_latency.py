@@ -288,18 +288,10 @@ def run_mode(mode: str, bundle: Path, args: argparse.Namespace) -> dict[str, Any
 def serve_mode(mode: str, bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Start a Ray head (this process's environment), deploy the TFaaS app, measure it,
     stop the head."""
-    from mlaas4hep.platform.cluster import free_port, start_head, stop_head
-    from mlaas4hep.platform.settings import load_settings
+    from mlaas4hep.platform.cluster import loopback_settings, start_head, stop_head
 
     home = Path(os.environ["MLAAS4HEP_HOME"])
-    settings = load_settings(
-        home=str(home),
-        storage=str(home / "storage"),
-        port=free_port(),
-        ray_port=free_port(),
-        dashboard_port=free_port(),
-        num_cpus=4,
-    )
+    settings = loopback_settings(home, num_cpus=4)
     import ray
     from ray import serve
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import free_port
 
 from mlaas4hep.platform.cluster import (
     HeadState,
     WorkerNode,
+    loopback_settings,
     ray_env,
     ray_temp_dir,
     start_head,
@@ -33,7 +33,7 @@ from mlaas4hep.platform.cluster import (
 )
 from mlaas4hep.platform.jobs import PipelineJobs
 from mlaas4hep.platform.runs import RunStore, new_run_id
-from mlaas4hep.platform.settings import Settings, load_settings
+from mlaas4hep.platform.settings import Settings
 from mlaas4hep.platform.storage import Storage
 from mlaas4hep.quickstart import write_demo_inputs
 
@@ -65,14 +65,7 @@ def _cluster_processes(settings: Settings) -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("multinode")
-    settings = load_settings(
-        home=str(home),
-        storage=str(home / "storage"),
-        port=free_port(),
-        ray_port=free_port(),
-        dashboard_port=free_port(),
-        num_cpus=1,
-    )
+    settings = loopback_settings(home, num_cpus=1)
     head = start_head(settings, timeout=START_TIMEOUT)
     workers: list[WorkerNode] = []
     try:

@@ -119,6 +119,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def loopback_settings(home: Path, num_cpus: int, **overrides) -> Settings:
+    """Settings of a private platform under ``home``, on free loopback ports."""
+    from mlaas4hep.platform.settings import load_settings
+
+    return load_settings(
+        home=str(home),
+        storage=str(home / "storage"),
+        port=free_port(),
+        ray_port=free_port(),
+        dashboard_port=free_port(),
+        num_cpus=num_cpus,
+        **overrides,
+    )
+
+
 def default_num_cpus() -> int:
     """Logical CPUs for the local head.
 
