@@ -61,12 +61,31 @@ def _from_offsets(lengths: np.ndarray, values: np.ndarray, name: str) -> Column:
     return Column(_check_numeric(values, name), offsets)
 
 
+def _single_chunk(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
+    return values
+
+
+def _from_list_array(values: pa.ListArray | pa.LargeListArray, name: str) -> Column:
+    """A list array without nulls, read from its own offsets and values buffers."""
+    offsets = values.offsets.to_numpy()
+    start, stop = int(offsets[0]), int(offsets[-1])
+    flat = values.values.slice(start, stop - start).to_numpy(zero_copy_only=False)
+    if start:
+        offsets = offsets - start
+    return Column(_check_numeric(flat, name), offsets.astype(np.int64, copy=False))
+
+
 def _from_arrow(values: pa.Array | pa.ChunkedArray, name: str) -> Column:
     kind = values.type
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         inner = kind.value_type
         if pa.types.is_nested(inner):
             raise ColumnError(f"branch {name!r}: lists of lists (doubly-jagged) are not supported")
+        values = _single_chunk(values)
+        if values.null_count == 0 and not pa.types.is_fixed_size_list(kind):
+            return _from_list_array(values, name)
         lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy()
         flat = pc.list_flatten(values)
         return _from_offsets(lengths, flat.to_numpy(zero_copy_only=False), name)
@@ -92,6 +111,14 @@ def _from_awkward(values: ak.Array, name: str) -> Column:
         return Column(_check_numeric(ak.to_numpy(values), name))
     if values.ndim > 2:
         raise ColumnError(f"branch {name!r}: lists of lists (doubly-jagged) are not supported")
+    layout = values.layout
+    if isinstance(layout, ak.contents.ListOffsetArray) and isinstance(
+        layout.content, ak.contents.NumpyArray
+    ):  # what uproot reads: offsets and values as they are, no copy
+        offsets = np.asarray(layout.offsets.data).astype(np.int64, copy=False)
+        start, stop = int(offsets[0]), int(offsets[-1])
+        flat = np.asarray(layout.content.data)[start:stop]
+        return Column(_check_numeric(flat, name), offsets - start if start else offsets)
     lengths = ak.to_numpy(ak.num(values, axis=1)).astype(np.int64)
     return _from_offsets(lengths, ak.to_numpy(ak.flatten(values, axis=1)), name)
 
