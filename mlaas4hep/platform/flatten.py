@@ -72,7 +72,9 @@ def _ranges(keys: Sequence[str], specs: FeatureSpecs) -> tuple[np.ndarray, np.nd
 
 
 @numba.njit(nogil=True, cache=True)
-def _fill_rows(features, mask, flat, flat_low, flat_span, offsets, values, jcol, jdim, jlow, jspan, pad):  # noqa: E501
+def _fill_rows(
+    features, mask, flat, flat_low, flat_span, offsets, values, jcol, jdim, jlow, jspan, pad
+):
     """Write every event's row: flat columns, then each jagged column padded to its dim."""
     for i in range(features.shape[0]):
         for c in range(flat.shape[0]):
