@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 from pathlib import Path
 
 import awkward as ak
@@ -15,6 +17,7 @@ from root_helpers import damaged_copy, one_file_spec
 from mlaas4hep.platform.config import parse_spec
 from mlaas4hep.platform.datasource import (
     RootDatasource,
+    _OpenTrees,
     events_per_file,
     plan_ranges,
     read_events,
@@ -212,3 +215,16 @@ def test_corrupt_basket_fails_the_read_naming_file_and_branch(
     spec = one_file_spec(path, "events")
     with pytest.raises(DataError, match=r"damaged\.root: tree 'events': reading branch 'Muon_Pz'"):
         read_events(spec).materialize()
+
+
+def test_read_tasks_reuse_an_open_file_until_it_changes(tmp_path: Path, shared_data: Path) -> None:
+    path = tmp_path / "hzz.root"
+    shutil.copy(shared_data / "uproot-HZZ.root", path)
+    trees = _OpenTrees(size=1)
+    _, first = trees.get(str(path), "events", 10, "auto")
+    assert trees.get(str(path), "events", 10, "auto")[1] is first
+    path.write_bytes(path.read_bytes())  # same content, new modification time
+    os.utime(path, ns=(0, 0))
+    assert trees.get(str(path), "events", 10, "auto")[1] is not first
+    trees.drop(trees.get(str(path), "events", 10, "auto")[0])
+    assert trees.trees == {}
