@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -146,7 +147,8 @@ def baseline_iterate(path: str, names: list[str], step: int):
     from mlaas4hep.platform.rootio import open_options
 
     source = {path: "Events"}
-    return uproot.iterate(source, names, step_size=step, library="ak", **open_options(path))
+    options = {k: v for k, v in open_options(path).items() if k != "array_cache"}  # iterate's own
+    return uproot.iterate(source, names, step_size=step, library="ak", **options)
 
 
 def baseline_specs(path: str, names: list[str], step: int):
@@ -213,19 +215,34 @@ def measure(label: str, path: str, events: int, step: int, flatten_only: bool) -
     return rows
 
 
-def driver_memory(path: str, total: int) -> list[dict]:
-    """Peak RSS of the driver during (c) for a quarter of the events and for all of them."""
-    from mlaas4hep.platform.rootio import inspect_inputs
+def driver_memory(path: str, total: int, address: str) -> list[dict]:
+    """Peak RSS of a driver running (c) for a quarter of the events and for all of them.
 
+    Each size runs in a fresh driver process (:func:`memory_probe`): this process has held
+    whole files for the baseline, and freed memory stays in its resident set.
+    """
     rows = []
     for nevts in (total // 4, total):
-        spec = spec_for(path, nevts=nevts)
-        summary = inspect_inputs(spec)
-        with PeakRSS() as peak:
-            platform_full(spec, summary)
-        rows.append({"events": nevts, "peak_rss_mb": round(peak.peak / 2**20)})
-        print(f"  driver peak RSS with {nevts} events: {peak.peak / 2**20:.0f} MiB", flush=True)
+        probe = [sys.executable, __file__, "--memory-probe", path, str(nevts), address]
+        out = subprocess.run(probe, check=True, capture_output=True, text=True).stdout
+        peak = int(out.split()[-1])
+        rows.append({"events": nevts, "peak_rss_mb": round(peak / 2**20)})
+        print(f"  driver peak RSS with {nevts} events: {peak / 2**20:.0f} MiB", flush=True)
     return rows
+
+
+def memory_probe(path: str, nevts: int, address: str) -> None:
+    """Run (c) on ``nevts`` events of ``path`` as a driver of ``address``; print peak RSS."""
+    import ray
+
+    from mlaas4hep.platform.rootio import inspect_inputs
+
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    spec = spec_for(path, nevts=nevts)
+    with PeakRSS() as peak:
+        platform_full(spec, inspect_inputs(spec))
+    ray.shutdown()
+    print(peak.peak)
 
 
 def machine() -> dict:
@@ -250,6 +267,9 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--memory-probe"]:
+        memory_probe(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wide-events", type=int, default=200_000)
     parser.add_argument("--narrow-events", type=int, default=1_000_000)
@@ -335,7 +355,8 @@ def main() -> int:
             except XRootDNotInstalled as error:
                 print(f"  skipping root:// runs: {error}")
         results["rows"] = rows
-        results["driver_memory"] = driver_memory(str(wide), args.wide_events)
+        results["machine"]["load_average_after_rows"] = [round(x, 1) for x in os.getloadavg()]
+        results["driver_memory"] = driver_memory(str(wide), args.wide_events, head.gcs_address)
     except BaseException:
         traceback.print_exc()  # before the clean-up, which may not return on a broken head
         raise
