@@ -11,6 +11,7 @@ import awkward as ak
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray.data
 import uproot
 from root_helpers import damaged_copy, one_file_spec
 
@@ -21,6 +22,7 @@ from mlaas4hep.platform.datasource import (
     events_per_file,
     plan_ranges,
     read_events,
+    read_events_once,
 )
 from mlaas4hep.platform.demo import write_demo_data
 from mlaas4hep.platform.rootio import DataError, inspect_inputs
@@ -228,3 +230,26 @@ def test_read_tasks_reuse_an_open_file_until_it_changes(tmp_path: Path, shared_d
     assert trees.get(str(path), "events", 10, "auto")[1] is not first
     trees.drop(trees.get(str(path), "events", 10, "auto")[0])
     assert trees.trees == {}
+
+
+def test_events_that_fit_are_read_once_into_the_object_store(
+    ray_cluster, shared_data: Path, monkeypatch
+) -> None:
+    from ray.data.dataset import MaterializedDataset
+
+    from mlaas4hep.platform import datasource
+
+    def once(mode: str) -> ray.data.Dataset:
+        return read_events_once(one_file_spec(shared_data / HZZ, "events", cache_events=mode))
+
+    cached = once("auto")
+    assert isinstance(cached, MaterializedDataset) and cached.count() == 2421
+    assert not isinstance(once("never"), MaterializedDataset)
+    monkeypatch.setattr(datasource, "CACHE_FRACTION", 0.0)  # nothing fits: stream every pass
+    assert not isinstance(once("auto"), MaterializedDataset)
+    assert isinstance(once("always"), MaterializedDataset)
+
+
+def test_cache_events_accepts_only_its_three_modes(shared_data: Path) -> None:
+    with pytest.raises(ValueError, match="cache_events"):
+        one_file_spec(shared_data / HZZ, "events", cache_events="sometimes")

@@ -160,6 +160,13 @@ class TrainingSpec(BaseModel):
     mixed_precision: bool = Field(
         default=False, description="Compute in bfloat16 (float16 on GPUs), keep weights float32"
     )
+    cache: bool = Field(
+        default=True,
+        description="After the first epoch, each worker keeps its flattened share of the "
+        "training and validation data in memory when it fits in a quarter of its node's free "
+        "memory, so later epochs do not read and flatten the files again; larger data (or "
+        "false) streams from the files every epoch, in bounded memory",
+    )
     mode: Literal["standard", "chunk"] = Field(
         default="standard",
         description="standard: each epoch goes over all training events; chunk: MLaaS4HEP's "
@@ -247,6 +254,14 @@ class PipelineSpec(BaseModel):
             "Event order: 'none' interleaves the files' chunks in proportion to their sizes, "
             "'blocks' also permutes the chunks (seeded, streaming), 'global' shuffles every "
             "event (an all-to-all exchange)"
+        ),
+    )
+    cache_events: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description=(
+            "Read the files once into Ray's object store and reuse the events for the specs "
+            "pass, flattening and every epoch: 'auto' does when they take at most a quarter "
+            "of the object store, 'never' streams them from the files on every pass"
         ),
     )
     verbose: int = 0

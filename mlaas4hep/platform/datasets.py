@@ -245,12 +245,12 @@ def flatten_to_parquet(
     computed from the same inputs) and ``out/features.json`` the feature names.
     ``summary`` (from :func:`inspect_inputs`) is made when not given.
     """
-    from mlaas4hep.platform.datasource import read_events, shuffle_events
+    from mlaas4hep.platform.datasource import read_events_once, shuffle_events
     from mlaas4hep.platform.flatten import flatten_dataset
 
     folder = Path(out)
     summary = summary or inspect_inputs(spec)
-    events = read_events(spec, summary, pipeline=pipeline)
+    events = read_events_once(spec, summary, pipeline=pipeline)
     reuse = reuse or spec.specs or str(folder / "specs.json")
     result = obtain_specs(spec, summary, reuse, events)
     flat = shuffle_events(flatten_dataset(events, result.specs, spec), spec)

@@ -24,6 +24,10 @@ size or modification time changed; a failed read drops the tree it used.
 Each read task adds the events and Arrow bytes it produced to the Ray metrics
 ``mlaas4hep_data_events_read`` and ``mlaas4hep_data_bytes_read``, tagged with the
 pipeline (run id), so the dashboard's metrics show each pipeline's reading.
+
+A pipeline goes through its events several times (specs, flattening, epochs):
+:func:`read_events_once` reads them into Ray's object store once when they fit
+comfortably, and streams them from the files on every pass otherwise.
 """
 
 from __future__ import annotations
@@ -51,7 +55,6 @@ from mlaas4hep.platform.rootio import (
     FILE_INDEX_COLUMN,
     LABEL_COLUMN,
     DataError,
-    FileSummary,
     Handler,
     InputsSummary,
     inspect_inputs,
@@ -62,6 +65,9 @@ from mlaas4hep.platform.rootio import (
 logger = logging.getLogger(__name__)
 
 Order = Literal["none", "blocks", "global"]
+
+#: Largest share of Ray's object store that ``cache_events: "auto"`` fills with events.
+CACHE_FRACTION = 0.25
 
 #: Ray metrics of the read tasks, created once per worker process.
 _COUNTERS: dict[str, Any] = {}
@@ -300,13 +306,54 @@ def read_events(
     ``spec.shuffle == "blocks"`` permutes the read tasks. ``pipeline`` (a run id) tags
     the read metrics.
     """
+    return _read(_source(spec, summary, timeout, pipeline), spec)
+
+
+def read_events_once(
+    spec: PipelineSpec,
+    summary: InputsSummary | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    pipeline: str = "none",
+) -> ray.data.Dataset:
+    """:func:`read_events` for consumers that pass over the events several times.
+
+    The specs pass, flattening and every training epoch each go through the events.
+    With ``spec.cache_events`` ``"always"``, or ``"auto"`` when their estimated Arrow
+    size is at most :data:`CACHE_FRACTION` of Ray's object store, the events are read
+    once into the object store (blocking until read) and every pass reuses them;
+    otherwise each pass streams them from the files again, in bounded memory.
+    """
+    source = _source(spec, summary, timeout, pipeline)
+    events = _read(source, spec)
+    if spec.cache_events == "never":
+        return events
+    if spec.cache_events == "auto":
+        capacity = ray.cluster_resources().get("object_store_memory", 0)
+        size = source.estimate_inmemory_data_size() or 0
+        if size > CACHE_FRACTION * capacity:
+            logger.info(
+                "events streamed from the files on every pass: ~%.0f MB is more than %d%% "
+                "of the object store (%.0f MB)",
+                size / 1e6,
+                CACHE_FRACTION * 100,
+                capacity / 1e6,
+            )
+            return events
+    return events.materialize()
+
+
+def _source(
+    spec: PipelineSpec, summary: InputsSummary | None, timeout: float, pipeline: str
+) -> RootDatasource:
     summary = summary or inspect_inputs(spec, timeout)
-    files: list[FileSummary] = summary.files
-    events = events_per_file([f.entries for f in files], spec.nevts)
+    events = events_per_file([f.entries for f in summary.files], spec.nevts)
     order = "blocks" if spec.shuffle == "blocks" else "none"
-    source = RootDatasource(
+    return RootDatasource(
         summary, events, spec.chunk_size, timeout, order, spec.training.seed, pipeline
     )
+
+
+def _read(source: RootDatasource, spec: PipelineSpec) -> ray.data.Dataset:
     # One block per planned chunk: Ray would otherwise split them to reach its default
     # parallelism, and the specs pass would pay per extra block.
     read_resources = spec.resources.read_resources

@@ -82,7 +82,7 @@ def _run_stages(
 ) -> dict[str, Any]:
     # Imported here: TensorFlow must only load after TF_USE_LEGACY_KERAS is set.
     from mlaas4hep.platform.datasets import obtain_specs
-    from mlaas4hep.platform.datasource import read_events, shuffle_events
+    from mlaas4hep.platform.datasource import read_events_once, shuffle_events
     from mlaas4hep.platform.flatten import flatten_dataset
     from mlaas4hep.platform.rootio import inspect_inputs
     from mlaas4hep.train.bundle import write_bundle
@@ -109,7 +109,7 @@ def _run_stages(
     logger.info("inputs: %s", summary)
 
     runs.update(run_id, stage="specs pass")
-    events = read_events(spec, summary, pipeline=run_id)
+    events = read_events_once(spec, summary, pipeline=run_id)
     # A resumed run reuses its own specs, else the spec's `specs` file, when still valid.
     stored = storage.uri("runs", run_id, "specs.json")
     reuse = stored if storage.exists("runs", run_id, "specs.json") else spec.specs
