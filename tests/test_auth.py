@@ -225,6 +225,30 @@ def test_rotated_key_validates_after_refresh_and_old_kid_still_validates(issuer_
     assert f"key id '{old_kid}' unknown" in error.message
 
 
+def test_a_verified_token_skips_the_signature_check_until_it_expires(cms, monkeypatch):
+    validator = make_validator(cms)
+    token = cms.mint("alice", ttl=5)
+    checks = []
+    check = validator._signature_ok
+    monkeypatch.setattr(validator, "_signature_ok", lambda *a: checks.append(1) or check(*a))
+    assert [validate(validator, token).sub for _ in range(3)] == ["alice"] * 3
+    assert len(checks) == 1
+    later = time.time() + 5 + validator.config.leeway + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert "token expired" in refusal(validator, token).message
+
+
+def test_a_verified_token_is_checked_again_after_the_keys_are_refetched(issuer_server):
+    issuer = issuer_server.add_issuer("refetch")
+    validator = make_validator(issuer, jwks_refresh_interval=0.0)
+    token = issuer.mint("alice")
+    validate(validator, token)
+    for _ in range(3):  # the old key leaves the JWK Set (keep=3)
+        issuer.rotate()
+    validate(validator, issuer.mint("bob"))  # unknown kid: the keys are refetched
+    assert f"key id '{token_parts(token)[0]['kid']}' unknown" in refusal(validator, token).message
+
+
 def test_several_trusted_issuers_are_accepted_and_kept_apart(issuer_server, cms, atlas):
     stranger = issuer_server.add_issuer("stranger")
     validator = make_validator(cms, atlas)

@@ -184,7 +184,7 @@ def test_loaded_bundle_predicts_like_the_keras_model(tmp_path):
     bundle = make_bundle(tmp_path / "b", "multi", n_outputs=3)
     model = load_bundle(bundle, "multi", 1)
     x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    np.testing.assert_allclose(model.predict(x), local_predict(bundle, x), rtol=1e-6)
+    np.testing.assert_allclose(model.predict(x), local_predict(bundle, x), rtol=1e-6, atol=1e-7)
     info = model.describe()
     assert (info["n_features"], info["n_outputs"]) == (4, 3)
     assert info["labels"] == ["class0", "class1", "class2"]

@@ -57,7 +57,9 @@ def test_model_metadata_gives_input_and_output_shapes(triton, tfaas, multi):
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_triton_client_inference_equals_local_model(triton, tfaas, multi, binary):
     result = _infer(triton, tfaas, "multi", binary, version="1")
-    np.testing.assert_allclose(result.as_numpy("output"), local_predict(multi, X), rtol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("output"), local_predict(multi, X), rtol=1e-6, atol=1e-7
+    )
     response = result.get_response()
     assert response["model_name"] == "multi" and response["model_version"] == "1"
 
@@ -78,7 +80,7 @@ def test_raw_json_inference_with_nested_data_and_request_id(tfaas, higgs):
     assert result["id"] == "req-7"
     out = result["outputs"][0]
     assert out["name"] == "output" and out["datatype"] == "FP32" and out["shape"] == [6, 1]
-    np.testing.assert_allclose(out["data"], local_predict(higgs, X)[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(out["data"], local_predict(higgs, X)[:, 0], rtol=1e-6, atol=1e-7)
 
 
 def _tensor(**overrides):

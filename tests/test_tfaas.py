@@ -39,7 +39,7 @@ def test_json_prediction_of_one_row_equals_local_model(tfaas, higgs):
         )
     assert answer.status_code == 200, answer.text
     expected = local_predict(higgs, ROWS[:1])[0]
-    np.testing.assert_allclose(answer.json(), expected, rtol=1e-6)
+    np.testing.assert_allclose(answer.json(), expected, rtol=1e-6, atol=1e-7)
     assert len(answer.json()) == 1
 
 
@@ -48,14 +48,16 @@ def test_json_prediction_of_several_rows_gives_one_float_per_row(tfaas, higgs):
         answer = client.post("/predict/json", json={"values": ROWS.tolist(), "model": "higgs"})
     assert answer.status_code == 200, answer.text
     assert all(isinstance(v, float) for v in answer.json())
-    np.testing.assert_allclose(answer.json(), local_predict(higgs, ROWS)[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        answer.json(), local_predict(higgs, ROWS)[:, 0], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_multi_output_model_gives_a_list_per_row(tfaas, multi):
     with tfaas.client() as client:
         answer = client.post("/json", json={"values": ROWS.tolist(), "model": "multi/versions/1"})
     assert answer.status_code == 200, answer.text
-    np.testing.assert_allclose(answer.json(), local_predict(multi, ROWS), rtol=1e-6)
+    np.testing.assert_allclose(answer.json(), local_predict(multi, ROWS), rtol=1e-6, atol=1e-7)
 
 
 def test_keys_in_another_order_are_put_in_the_model_feature_order(tfaas, higgs):
@@ -66,7 +68,9 @@ def test_keys_in_another_order_are_put_in_the_model_feature_order(tfaas, higgs):
             json={"keys": shuffled, "values": ROWS[0][[3, 1, 0, 2]].tolist(), "model": "higgs"},
         )
     assert answer.status_code == 200, answer.text
-    np.testing.assert_allclose(answer.json(), local_predict(higgs, ROWS[:1])[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        answer.json(), local_predict(higgs, ROWS[:1])[0], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_nan_values_are_predicted_as_zero(tfaas, higgs):
@@ -77,7 +81,7 @@ def test_nan_values_are_predicted_as_zero(tfaas, higgs):
         )
     assert answer.status_code == 200, answer.text
     expected = local_predict(higgs, np.array([[0.5, 0.0, 2.0, 0.0]]))[0]
-    np.testing.assert_allclose(answer.json(), expected, rtol=1e-6)
+    np.testing.assert_allclose(answer.json(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_proto_prediction_returns_labelled_classes(tfaas, multi):
@@ -88,7 +92,7 @@ def test_proto_prediction_returns_labelled_classes(tfaas, multi):
     predictions = tfaas_pb2.Predictions.FromString(answer.content)
     assert [c.label for c in predictions.prediction] == ["class0", "class1", "class2"]
     got = [c.probability for c in predictions.prediction]
-    np.testing.assert_allclose(got, local_predict(multi, ROWS[1:2])[0], rtol=1e-6)
+    np.testing.assert_allclose(got, local_predict(multi, ROWS[1:2])[0], rtol=1e-6, atol=1e-7)
 
 
 def test_concurrent_requests_to_two_models_each_get_their_own_rows(tfaas, higgs, multi):
@@ -109,7 +113,7 @@ def test_concurrent_requests_to_two_models_each_get_their_own_rows(tfaas, higgs,
         assert answer.status_code == 200, answer.text
         expected = local_predict(higgs if model == "higgs" else multi, x)
         expected = expected[:, 0] if model == "higgs" else expected
-        np.testing.assert_allclose(answer.json(), expected, rtol=1e-6)
+        np.testing.assert_allclose(answer.json(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_proto_prediction_of_a_binary_model_names_the_positive_class(tfaas, higgs):
@@ -118,7 +122,9 @@ def test_proto_prediction_of_a_binary_model_names_the_positive_class(tfaas, higg
         answer = client.post("/predict/proto", content=row.SerializeToString())
     (only,) = tfaas_pb2.Predictions.FromString(answer.content).prediction
     assert only.label == "signal"
-    np.testing.assert_allclose(only.probability, local_predict(higgs, ROWS[:1])[0, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        only.probability, local_predict(higgs, ROWS[:1])[0, 0], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_models_lists_the_bundle_with_tfaas_params_keys(tfaas, higgs):
@@ -163,7 +169,9 @@ def test_default_model_from_post_params_serves_requests_without_model(tfaas, hig
         answer = client.post("/json", json={"values": ROWS[0].tolist()})
         current = client.get("/params").json()
     assert current["name"] == "carolmodel"
-    np.testing.assert_allclose(answer.json(), local_predict(bundle, ROWS[:1])[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        answer.json(), local_predict(bundle, ROWS[:1])[0], rtol=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize(
@@ -221,7 +229,9 @@ def test_multipart_upload_registers_a_model_owned_by_the_caller(tfaas, tmp_path)
         predicted = client.post("/json", json={"values": ROWS.tolist(), "model": "uploaded"})
     record = tfaas.registry.record("uploaded")
     assert record.owner == tfaas.owner("alice") and record.visibility == "private"
-    np.testing.assert_allclose(predicted.json(), local_predict(bundle, ROWS)[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        predicted.json(), local_predict(bundle, ROWS)[:, 0], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_tarball_upload_registers_the_next_version(tfaas, tmp_path):
@@ -237,8 +247,10 @@ def test_tarball_upload_registers_the_next_version(tfaas, tmp_path):
         latest = client.post("/json", json={"values": ROWS.tolist(), "model": "tarred"})
         older = client.post("/json", json={"values": ROWS.tolist(), "model": "tarred/versions/1"})
     assert one.json()["version"] == 1 and two.json()["version"] == 2, (one.text, two.text)
-    np.testing.assert_allclose(latest.json(), local_predict(second, ROWS)[:, 0], rtol=1e-6)
-    np.testing.assert_allclose(older.json(), local_predict(first, ROWS)[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        latest.json(), local_predict(second, ROWS)[:, 0], rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(older.json(), local_predict(first, ROWS)[:, 0], rtol=1e-6, atol=1e-7)
 
 
 def test_upload_of_a_name_held_by_another_user_is_a_conflict(tfaas, higgs):
@@ -331,9 +343,9 @@ def test_reuploaded_model_answers_with_the_new_weights(tfaas, tmp_path):
         assert client.delete("/delete/phoenix").status_code == 200
         assert client.post("/upload", content=bundle_tarball(new)).status_code == 200
         second = [client.post("/json", json=body).json() for _ in range(6)]
-    np.testing.assert_allclose(first, local_predict(old, ROWS)[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(first, local_predict(old, ROWS)[:, 0], rtol=1e-6, atol=1e-7)
     for answer in second:
-        np.testing.assert_allclose(answer, local_predict(new, ROWS)[:, 0], rtol=1e-6)
+        np.testing.assert_allclose(answer, local_predict(new, ROWS)[:, 0], rtol=1e-6, atol=1e-7)
 
 
 def test_only_the_owner_deletes_a_model(tfaas, higgs):
@@ -400,8 +412,8 @@ def test_raw_physics_events_are_flattened_with_the_bundle_specs(tfaas, hzz, mult
         missing = client.post("/events", json={"events": [{"NMuon": 1}], "model": "hzz"})
         no_specs = client.post("/events", json={"events": events[:1], "model": "multi"})
     assert listed.status_code == 200, listed.text
-    np.testing.assert_allclose(listed.json(), expected, rtol=1e-6)
-    np.testing.assert_allclose(one.json(), expected[1:2], rtol=1e-6)
+    np.testing.assert_allclose(listed.json(), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(one.json(), expected[1:2], rtol=1e-6, atol=1e-7)
     assert missing.status_code == 400 and "'MET_px'" in missing.json()["error"]
     assert no_specs.status_code == 400
     assert no_specs.json() == {"error": "model 'multi' has no specs.json: send 'values' instead"}
@@ -460,6 +472,36 @@ def test_base_path_prefixes_every_route(platform_settings):
     assert refused.status_code == 401 and refused.json() == {"error": "missing bearer token"}
 
 
+def test_requests_up_to_the_row_limit_are_predicted_in_the_ingress_larger_ones_are_not(
+    tfaas, higgs
+):
+    import asyncio
+
+    import httpx
+
+    from mlaas4hep.serve.tfaas import TFaaSOptions, TFaaSService, create_app
+
+    # no model deployment behind this ingress: only the in-process path can answer
+    service = TFaaSService(tfaas.settings, TFaaSOptions(direct_max_rows=len(ROWS)), None)
+    transport = httpx.ASGITransport(app=create_app(service))
+    more = np.concatenate([ROWS, ROWS[:1]])
+
+    async def calls() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://tfaas", headers=tfaas.headers()
+        ) as client:
+            return [
+                await client.post("/json", json={"values": ROWS.tolist(), "model": "higgs"}),
+                await client.post("/json", json={"values": more.tolist(), "model": "higgs"}),
+            ]
+
+    small, large = asyncio.run(calls())
+    assert small.status_code == 200, small.text
+    np.testing.assert_allclose(small.json(), local_predict(higgs, ROWS)[:, 0], rtol=1e-6, atol=1e-7)
+    assert large.status_code == 503
+    assert large.json() == {"error": "no model server is configured"}
+
+
 def test_deleting_one_version_keeps_the_others(tfaas, tmp_path):
     first = make_bundle(tmp_path / "v1", "twice", seed=14)
     second = make_bundle(tmp_path / "v2", "twice", seed=15)
@@ -471,5 +513,7 @@ def test_deleting_one_version_keeps_the_others(tfaas, tmp_path):
         latest = client.post("/json", json={"values": ROWS.tolist(), "model": "twice"})
     assert deleted.json() == {"deleted": "twice", "version": 1}
     assert gone.status_code == 404 and gone.json() == {"error": "model 'twice' has no version 1"}
-    np.testing.assert_allclose(latest.json(), local_predict(second, ROWS)[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        latest.json(), local_predict(second, ROWS)[:, 0], rtol=1e-6, atol=1e-7
+    )
     assert versions(tfaas, "twice") == [2]

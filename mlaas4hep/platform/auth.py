@@ -11,7 +11,10 @@ A request carries ``Authorization: Bearer <JWT>`` issued by a standard OIDC prov
    them, at most once per ``jwks_refresh_interval`` seconds per issuer, so key rotation
    works and forged kids cannot make the service hammer the issuer;
 3. the signature is verified with the key named by ``kid`` whose type matches the
-   algorithm, then ``aud``, ``exp``, ``nbf`` and ``iat`` (with ``leeway``) and ``sub``.
+   algorithm, then ``aud``, ``exp``, ``nbf`` and ``iat`` (with ``leeway``) and ``sub``;
+4. a token that passed is remembered (by its SHA-256) for ``verified_token_ttl`` seconds
+   at most, never past its expiry and only while its issuer's keys are not refetched,
+   so a client's repeated calls cost one signature check a minute instead of one per call.
 
 Authorization uses the groups (WLCG ``wlcg.groups``, ``groups``, Keycloak and CERN
 roles) and scopes (``scope`` or ``scp``) of the resulting :class:`Principal`.
@@ -183,6 +186,8 @@ class AuthConfig:
     jwks_max_age: float = 3600.0
     http_timeout: float = 5.0
     max_token_bytes: int = 16384
+    verified_token_ttl: float = 60.0
+    max_verified_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if not self.issuers:
@@ -267,6 +272,18 @@ class _KeySet:
         return [*self.by_kid.values(), *self.unnamed]
 
 
+@dataclass(frozen=True)
+class _Verified:
+    """A token that passed: trusted until ``until`` while ``keys`` are its issuer's keys."""
+
+    principal: Principal
+    until: float
+    keys: _KeySet
+
+    def trusted(self, current: _KeySet | None) -> bool:
+        return current is self.keys and time.time() <= self.until
+
+
 class TokenValidator:
     """Validates bearer JWTs against the configured issuers and authorizes principals.
 
@@ -280,6 +297,8 @@ class TokenValidator:
         self._issuers = {_issuer_key(i): i for i in config.issuers}
         self._keys: dict[str, _KeySet] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: verified tokens by SHA-256
+        self._verified: dict[bytes, _Verified] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenValidator:
@@ -289,13 +308,22 @@ class TokenValidator:
 
     async def validate(self, token: str | None) -> Principal:
         """The principal of a valid ``token``; :class:`AuthError` (401) for any bad token."""
+        digest = hashlib.sha256((token or "").strip().encode()).digest()
+        known = self._verified.get(digest)
+        if known is not None and known.trusted(self._keys.get(known.principal.issuer)):
+            return known.principal
         try:
-            return await self._validate(token)
+            verified = await self._validate(token)
         except AuthError as err:
             logger.debug("refused a bearer token: %s", err.message)
             raise
+        if self.config.verified_token_ttl > 0:
+            if len(self._verified) >= self.config.max_verified_tokens:
+                self._verified.clear()
+            self._verified[digest] = verified
+        return verified.principal
 
-    async def _validate(self, token: str | None) -> Principal:
+    async def _validate(self, token: str | None) -> _Verified:
         token = (token or "").strip()
         if not token:
             raise _invalid("missing bearer token")
@@ -321,11 +349,15 @@ class TokenValidator:
         if kid is not None and not isinstance(kid, str):
             raise _invalid("malformed bearer token: its key id (kid) is not a string")
         keys = await self._verification_keys(issuer, kid, alg)
+        key_set = self._keys[issuer]
         if not any(self._signature_ok(token, key, alg) for key in keys):
             raise _invalid(f"invalid token signature (issuer {issuer})")
 
         self._check_claims(claims)
-        return self._principal(claims, issuer)
+        until = min(
+            claims["exp"] + self.config.leeway, time.time() + self.config.verified_token_ttl
+        )
+        return _Verified(self._principal(claims, issuer), until, key_set)
 
     def _check_header(self, header: dict[str, Any]) -> str:
         alg = header.get("alg")

@@ -8,13 +8,16 @@ Layout::
                                       params.json, labels.txt, metadata.json
 
 Versions are integers from 1; ``latest`` is the highest. A version is published by a
-rename of a complete folder, so a replica never loads half a bundle.
+rename of a complete folder, so a replica never loads half a bundle. Every change
+(register, delete, visibility) then rewrites ``models/.stamp`` with a new random token,
+so a reader may cache what it read under the stamp it read first (:meth:`ModelRegistry.stamp`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +29,8 @@ Visibility = Literal["private", "group", "public"]
 
 #: Files a bundle must hold to be served.
 REQUIRED_BUNDLE_FILES = ("params.json",)
+#: Hidden file below ``models/`` rewritten after every change of the registry.
+STAMP_FILE = ".stamp"
 
 
 class RegistryError(LookupError):
@@ -83,6 +88,31 @@ class ModelRegistry:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+
+    def stamp(self) -> str:
+        """A token that changes after every register, delete or visibility change ("" while
+        nothing has been written); read it before the data it guards."""
+        try:
+            return self.storage.read_text("models", STAMP_FILE)
+        except FileNotFoundError:
+            return ""
+
+    def version_stamp(self, name: str, version: int) -> str:
+        """A token that changes when the folder of ``version`` is replaced (delete, then
+        upload again); :class:`ModelNotFound` when it is gone."""
+        try:
+            info = self.storage.fs.info(
+                self.storage.path("models", name, str(version), "params.json")
+            )
+        except FileNotFoundError:
+            raise ModelNotFound(f"model {name!r} has no version {version}") from None
+        for key in ("mtime", "LastModified", "ETag", "created"):
+            if info.get(key) is not None:
+                return str(info[key])
+        return ""
+
+    def _changed(self) -> None:
+        self.storage.write_text(uuid.uuid4().hex, "models", STAMP_FILE)
 
     def _record_data(self, name: str) -> dict[str, Any] | None:
         try:
@@ -157,15 +187,18 @@ class ModelRegistry:
             data = {"name": name, "owner": owner, "created": _now()}
         data["visibility"] = visibility
         data["groups"] = list(groups or data.get("groups", []))
-        self.storage.write_json(data, "models", name, "model.json")
-        for _attempt in range(20):
-            version = (max(self.versions(name), default=0)) + 1
-            try:
-                self.storage.upload_dir(bundle_dir, "models", name, str(version))
-            except StorageError:
-                continue  # another writer took this number; take the next one
-            return self.get(name, version)
-        raise RegistryError(f"could not publish a new version of {name!r}")
+        try:
+            self.storage.write_json(data, "models", name, "model.json")
+            for _attempt in range(20):
+                version = (max(self.versions(name), default=0)) + 1
+                try:
+                    self.storage.upload_dir(bundle_dir, "models", name, str(version))
+                except StorageError:
+                    continue  # another writer took this number; take the next one
+                return self.get(name, version)
+            raise RegistryError(f"could not publish a new version of {name!r}")
+        finally:
+            self._changed()
 
     def set_visibility(self, name: str, visibility: Visibility, groups: list[str] | None) -> None:
         data = self._record_data(name)
@@ -174,16 +207,22 @@ class ModelRegistry:
         data["visibility"] = visibility
         if groups is not None:
             data["groups"] = groups
-        self.storage.write_json(data, "models", name, "model.json")
+        try:
+            self.storage.write_json(data, "models", name, "model.json")
+        finally:
+            self._changed()
 
     def delete(self, name: str, version: int | None = None) -> None:
         """Delete one version, or the whole model when ``version`` is ``None``."""
         record = self.record(name)
-        if version is None:
-            self.storage.delete("models", name)
-            return
-        if int(version) not in record.versions:
+        if version is not None and int(version) not in record.versions:
             raise ModelNotFound(f"model {name!r} has no version {version}")
-        self.storage.delete("models", name, str(int(version)))
-        if not self.versions(name):
-            self.storage.delete("models", name)
+        try:
+            if version is None:
+                self.storage.delete("models", name)
+                return
+            self.storage.delete("models", name, str(int(version)))
+            if not self.versions(name):
+                self.storage.delete("models", name)
+        finally:
+            self._changed()

@@ -21,6 +21,7 @@ import math
 import os
 import posixpath
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,7 +326,9 @@ class LoadedModel:
         self.n_features = int(np.prod(shape_in[1:]))
         self.n_outputs = int(np.prod(shape_out[1:])) if len(shape_out) > 1 else 1
         self.feature_names = feature_names_of(path, self.n_features)
-        self._call = _compiled(self.model, tuple(int(d) for d in shape_in[1:]))
+        self._call = _dense_forward(self.model) or _compiled(
+            self.model, tuple(int(d) for d in shape_in[1:])
+        )
         self.specs = _specs_of(path / "specs.json", self.n_features)
 
     def columns_for(self, keys: list[str] | None, width: int) -> list[int] | None:
@@ -343,6 +346,11 @@ class LoadedModel:
             columns = [order[name] for name in self.feature_names]
             return None if columns == list(range(width)) else columns
         return None
+
+    def reorder(self, matrix: np.ndarray, keys: list[str] | None) -> np.ndarray:
+        """``matrix`` with its columns (named by ``keys``) in the model's feature order."""
+        columns = self.columns_for(keys, matrix.shape[1])
+        return matrix if columns is None else matrix[:, columns]
 
     def events_matrix(self, events: Any) -> np.ndarray:
         """Model input for raw physics events (branch -> value(s)), flattened with the
@@ -381,7 +389,7 @@ class LoadedModel:
         of ``height * width * channels`` pixels)."""
         if self.image_shape is not None:
             matrix = matrix.reshape(matrix.shape[0], *self.image_shape)
-        out = self._call(matrix).numpy()
+        out = self._call(matrix)
         return out.astype(np.float32, copy=False).reshape(matrix.shape[0], self.n_outputs)
 
     def describe(self) -> dict[str, Any]:
@@ -398,10 +406,16 @@ class LoadedModel:
         }
 
 
-def _load_keras(path: Path) -> Any:
+def import_keras() -> Any:
+    """The legacy Keras module (``tf_keras``), importing TensorFlow on first use."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tf_keras
 
+    return tf_keras
+
+
+def _load_keras(path: Path) -> Any:
+    tf_keras = import_keras()
     if not path.exists():
         raise BundleError(f"model file {path.name!r} not found in the bundle")
     try:
@@ -435,7 +449,10 @@ def _specs_of(path: Path, n_features: int) -> Any:
     return specs
 
 
-def _compiled(model: Any, row_shape: tuple[int, ...]) -> Any:
+Forward = Callable[[np.ndarray], np.ndarray]
+
+
+def _compiled(model: Any, row_shape: tuple[int, ...]) -> Forward:
     """``model(x)`` as one traced graph for any number of rows (about 2x faster than eager)."""
     import tensorflow as tf
 
@@ -443,7 +460,66 @@ def _compiled(model: Any, row_shape: tuple[int, ...]) -> Any:
         return model(x, training=False)
 
     signature = [tf.TensorSpec([None, *row_shape], tf.float32)]
-    return tf.function(call, input_signature=signature, autograph=False)
+    graph = tf.function(call, input_signature=signature, autograph=False)
+    return lambda x: graph(x).numpy()
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-z) overflows to inf for z << 0: the answer is 0
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+#: Activations of :func:`_dense_forward`, by Keras name.
+DENSE_ACTIVATIONS: dict[str, Forward] = {
+    "linear": lambda z: z,
+    "relu": lambda z: np.maximum(z, 0.0),
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+    "softmax": _softmax,
+}
+
+
+def _dense_forward(model: Any) -> Forward | None:
+    """``model(x)`` in float32 numpy when ``model`` is a ``Sequential`` stack of ``Dense``
+    (and inference-time no-op ``Dropout``) layers with the activations of
+    :data:`DENSE_ACTIVATIONS`; else None.
+
+    A single row costs microseconds this way against about 0.4 ms through TensorFlow, which
+    is most of a small model's serving time; the outputs agree with ``model(x)`` to float32
+    rounding.
+    """
+    import tf_keras
+
+    if not isinstance(model, tf_keras.Sequential):
+        return None
+    steps: list[tuple[np.ndarray, np.ndarray | None, Forward]] = []
+    for layer in model.layers:
+        if type(layer) is tf_keras.layers.Dropout:
+            continue
+        if type(layer) is not tf_keras.layers.Dense or layer.dtype != "float32":
+            return None
+        activation = DENSE_ACTIVATIONS.get(getattr(layer.activation, "__name__", ""))
+        if activation is None:
+            return None
+        weights = layer.get_weights()
+        steps.append((weights[0], weights[1] if layer.use_bias else None, activation))
+    if not steps:
+        return None
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        for kernel, bias, activation in steps:
+            x = x @ kernel
+            if bias is not None:
+                x += bias
+            x = activation(x)
+        return x
+
+    return forward
 
 
 def load_bundle(path: Path, name: str, version: int) -> LoadedModel:

@@ -1,8 +1,16 @@
 """TFaaS-compatible inference service on Ray Serve (plus KServe v2 routes).
 
 Two deployments: :class:`TFaaSIngress` (FastAPI, token-gated routes, model lookup in
-storage on every request) and :class:`~mlaas4hep.serve.model_server.ModelServer`
-(bundles loaded lazily per replica, dynamic batching). Routes follow TFaaS::
+storage, cached under the registry's stamp) and
+:class:`~mlaas4hep.serve.model_server.ModelServer` (bundles loaded lazily per replica by
+``@serve.multiplexed``, dynamic batching by ``@serve.batch``, autoscaled).
+
+Where a prediction runs is chosen per request: a ``/json``, ``/proto`` or ``/events``
+request (and a KServe v2 ``infer``) of at most ``direct_max_rows`` rows is predicted in
+the ingress replica itself, with the bundle kept in the ingress's own LRU cache (one
+process, no second hop: a few milliseconds less per request); larger requests and images
+go to the model deployment, which batches them across requests and scales on its own.
+Both paths see an upload or a delete with the next request. Routes follow TFaaS::
 
     POST /json, /predict/json     {"keys": [...], "values": [...] | [[...], ...], "model": "m"}
     POST /events, /predict/events {"events": {branch: value(s)} | [...], "model": "m"}: raw
@@ -29,6 +37,7 @@ import posixpath
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,6 +49,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlaas4hep.platform.auth import Principal, TokenValidator
 from mlaas4hep.platform.registry import (
@@ -55,9 +65,11 @@ from mlaas4hep.serve import kserve, tfaas_pb2
 from mlaas4hep.serve.bundle import (
     BundleError,
     InputError,
+    LoadedModel,
     UploadLimits,
     check_bundle_dir,
     extract_tarball,
+    import_keras,
     normalize_params,
     parse_params,
     read_tree,
@@ -65,7 +77,8 @@ from mlaas4hep.serve.bundle import (
     write_params,
 )
 from mlaas4hep.serve.errors import ApiError, install_error_handlers
-from mlaas4hep.serve.model_server import ModelServer, make_model_id
+from mlaas4hep.serve.model_cache import Lookup, LookupCache, ModelCache
+from mlaas4hep.serve.model_server import ModelMetrics, ModelServer
 from mlaas4hep.serve.security import principal_dependency
 
 ENV_PREFIX = "MLAAS4HEP_TFAAS_"
@@ -89,6 +102,13 @@ class TFaaSOptions(BaseModel):
     metrics_interval_s: float = Field(default=10.0, gt=0, description="Serve autoscaling")
     ingress_cpus: float = Field(default=0.1, gt=0)
     model_cpus: float = Field(default=0.25, gt=0)
+    access_log: bool = Field(default=True, description="Log every request of the replicas")
+    direct_max_rows: int = Field(
+        default=32,
+        ge=0,
+        description="Predict requests of at most this many rows in the ingress replica "
+        "(0: every prediction goes to the model deployment)",
+    )
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "TFaaSOptions":
@@ -144,6 +164,10 @@ class TFaaSService:
         self.settings = settings
         self.options = options
         self.registry = ModelRegistry(Storage(settings.storage))
+        self.lookups = LookupCache(self.registry)
+        #: bundles predicted in this replica (requests of at most ``direct_max_rows`` rows)
+        self.models = ModelCache(self.registry)
+        self.metrics: ModelMetrics | None = None  # created on first use (needs Ray)
         self.model_server = model_server
         self.validator = validator or TokenValidator.from_settings(settings)
         self.user = principal_dependency(self.validator, "use")
@@ -200,33 +224,22 @@ class TFaaSService:
         self.check_access(record, principal, write)
         return record
 
-    async def resolve(self, ref: str, principal: Principal) -> tuple[str, int, str]:
-        """``(name, version, multiplexed model id)`` of a model reference, read from storage."""
+    async def resolve(self, ref: str, principal: Principal) -> Lookup:
+        """Record, version and model id of a model reference the caller may use.
+
+        One small read of the registry's stamp, the rest from this replica's cache; on a
+        local filesystem that read is cheaper than a hop to a thread.
+        """
         name, version = self.parse_ref(ref)
-        record, version, stamp = await asyncio.to_thread(self._lookup, name, version)
-        self.check_access(record, principal)
-        return name, version, make_model_id(name, version, stamp)
-
-    def _lookup(self, name: str, version: int | None) -> tuple[ModelRecord, int, str]:
-        """Record, version and stamp of ``name`` in one storage round (one thread hop)."""
-        record = self._record(name)
-        version = record.latest if version is None else version
-        if version not in record.versions:
-            raise ApiError(404, f"model {name!r} has no version {version}")
-        return record, version, self._stamp(name, version)
-
-    def _stamp(self, name: str, version: int) -> str:
-        """A token that changes when the version folder is replaced (delete + re-upload)."""
         try:
-            info = self.storage.fs.info(
-                self.storage.path("models", name, str(version), "params.json")
-            )
-        except FileNotFoundError:
-            raise ApiError(404, f"model {name!r} has no version {version}") from None
-        for key in ("mtime", "LastModified", "ETag", "created"):
-            if info.get(key) is not None:
-                return str(info[key])
-        return ""
+            if self.storage.is_local:
+                found = self.lookups.lookup(name, version)
+            else:
+                found = await asyncio.to_thread(self.lookups.lookup, name, version)
+        except RegistryError as error:
+            raise api_error_of(error) or ApiError(404, str(error)) from None
+        self.check_access(found.record, principal)
+        return found
 
     def default_model(self, principal: Principal) -> str:
         """The model set with ``POST /params`` by the caller."""
@@ -255,27 +268,79 @@ class TFaaSService:
                 raise
             raise known from None
 
+    def predicts_here(self, rows: int) -> bool:
+        """Whether a request of ``rows`` rows is predicted in this (ingress) replica."""
+        return rows <= self.options.direct_max_rows
+
+    async def local_model(self, model_id: str) -> LoadedModel:
+        """The bundle of ``model_id`` from this replica's cache (loaded on first use)."""
+        try:
+            return await self.models.get(model_id)
+        except (RegistryError, BundleError) as error:
+            raise api_error_of(error) or ApiError(400, str(error)) from None
+
+    async def predict_here(
+        self, found: Lookup, inputs: Callable[[LoadedModel], np.ndarray]
+    ) -> np.ndarray:
+        """Predict ``inputs(model)`` in this replica, with the model deployment's metrics."""
+        if self.metrics is None:
+            self.metrics = ModelMetrics()
+        with self.metrics.request(found.record.name, found.version):
+            model = await self.local_model(found.model_id)
+            matrix = inputs(model)
+            self.metrics.model_call(model, len(matrix))
+            return model.predict(matrix)
+
+    async def _predicted(
+        self,
+        ref: str,
+        principal: Principal,
+        rows: int,
+        inputs: Callable[[LoadedModel], np.ndarray],
+        method: str,
+        *args: Any,
+    ) -> tuple[str, int, np.ndarray]:
+        """``(name, version, outputs)`` of a request of ``rows`` rows: ``inputs(model)``
+        predicted here when it is small, else ``method(*args)`` on the model deployment."""
+        found = await self.resolve(ref, principal)
+        if self.predicts_here(rows):
+            out = await self.predict_here(found, inputs)
+        else:
+            out = await self.call(found.model_id, method, *args)
+        return found.record.name, found.version, out
+
     async def predict(
         self, ref: str, matrix: np.ndarray, keys: list[str] | None, principal: Principal
     ) -> tuple[str, int, np.ndarray]:
-        name, version, model_id = await self.resolve(ref, principal)
-        return name, version, await self.call(model_id, "predict", matrix, keys)
+        def inputs(model: LoadedModel) -> np.ndarray:
+            return model.reorder(matrix, keys)
+
+        return await self._predicted(ref, principal, len(matrix), inputs, "predict", matrix, keys)
 
     async def predict_events(
         self, ref: str, events: Any, principal: Principal
     ) -> tuple[str, int, np.ndarray]:
-        name, version, model_id = await self.resolve(ref, principal)
-        return name, version, await self.call(model_id, "predict_events", events)
+        def inputs(model: LoadedModel) -> np.ndarray:
+            return model.events_matrix(events)
+
+        rows = len(events) if isinstance(events, list) else 1
+        return await self._predicted(ref, principal, rows, inputs, "predict_events", events)
 
     async def predict_image(
         self, ref: str, image: bytes, principal: Principal
     ) -> tuple[str, int, np.ndarray]:
-        name, version, model_id = await self.resolve(ref, principal)
-        return name, version, await self.call(model_id, "predict_image", image)
+        found = await self.resolve(ref, principal)
+        return (
+            found.record.name,
+            found.version,
+            await self.call(found.model_id, "predict_image", image),
+        )
 
     async def describe(self, ref: str, principal: Principal) -> dict[str, Any]:
-        _, _, model_id = await self.resolve(ref, principal)
-        return await self.call(model_id, "describe")
+        found = await self.resolve(ref, principal)
+        if found.model_id in self.models:  # predicted here already: no second hop
+            return (await self.local_model(found.model_id)).describe()
+        return await self.call(found.model_id, "describe")
 
     # -- registry changes -----------------------------------------------------
 
@@ -324,9 +389,9 @@ class TFaaSService:
         return {"deleted": name, "version": version}
 
     async def params_of(self, ref: str, principal: Principal) -> dict[str, Any]:
-        name, version, _ = await self.resolve(ref, principal)
+        found = await self.resolve(ref, principal)
         params = await asyncio.to_thread(
-            self.storage.read_json, "models", name, str(version), "params.json"
+            self.storage.read_json, "models", found.record.name, str(found.version), "params.json"
         )
         return normalize_params(params)
 
@@ -615,6 +680,20 @@ def build_router(service: "TFaaSService") -> APIRouter:
     return router
 
 
+class RequestCounter:
+    """ASGI middleware counting HTTP requests by method into ``counts`` (for ``/status``);
+    plain ASGI, not ``@app.middleware``, which costs a task and streams per request."""
+
+    def __init__(self, app: ASGIApp, counts: dict[str, int]) -> None:
+        self.app = app
+        self.counts = counts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in self.counts:
+            self.counts[scope["method"]] += 1
+        await self.app(scope, receive, send)
+
+
 def create_app(service: TFaaSService) -> FastAPI:
     """The FastAPI app of the TFaaS and KServe v2 routes, under the optional base path."""
     app = FastAPI(title="mlaas4hep inference (TFaaS + KServe v2)")
@@ -625,12 +704,7 @@ def create_app(service: TFaaSService) -> FastAPI:
     async def _bad_input(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=400)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Any) -> Any:
-        if request.method in service.counts:
-            service.counts[request.method] += 1
-        return await call_next(request)
-
+    app.add_middleware(RequestCounter, counts=service.counts)
     prefix = service.options.prefix
     app.include_router(build_router(service), prefix=prefix)
     app.include_router(kserve.build_router(service), prefix=prefix)
@@ -642,11 +716,19 @@ def create_app(service: TFaaSService) -> FastAPI:
 
 @serve.ingress()
 class TFaaSIngress:
-    """Ingress deployment: builds the FastAPI app on the replica."""
+    """Ingress deployment: builds the FastAPI app on the replica.
+
+    When it predicts small requests itself it imports TensorFlow while it starts: Serve
+    freezes the objects that exist when a replica is ready out of the garbage collector's
+    scans, and TensorFlow's are most of them (a full collection would otherwise stall
+    requests for tens of milliseconds).
+    """
 
     def __init__(
         self, settings: Settings, options: TFaaSOptions, model_server: DeploymentHandle
     ) -> None:
+        if options.direct_max_rows > 0:
+            import_keras()
         self.service = TFaaSService(settings, options, model_server)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -661,6 +743,7 @@ def _deployment(cls: type, role: str, options: TFaaSOptions) -> Any:
         cls,
         name=cls.__name__,
         ray_actor_options={"num_cpus": getattr(options, f"{role}_cpus")},
+        logging_config={"enable_access_log": options.access_log},
         max_ongoing_requests=128,  # >= the model server's batch size
         autoscaling_config={
             "min_replicas": low,

@@ -1,0 +1,132 @@
+"""Per-replica caches of the inference service: registry lookups under the registry's
+stamp, loaded bundles by model id, and the numpy forward pass of dense models."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import numpy as np
+import pytest
+from serve_fixtures import local_predict, make_bundle, make_image_bundle
+
+from mlaas4hep.platform.registry import ModelNotFound, ModelRegistry
+from mlaas4hep.platform.storage import Storage
+from mlaas4hep.serve.bundle import load_bundle
+from mlaas4hep.serve.model_cache import LookupCache, ModelCache, parse_model_id
+
+ROWS = np.random.default_rng(3).normal(size=(7, 4)).astype(np.float32)
+
+
+@pytest.fixture
+def registry(tmp_path) -> ModelRegistry:
+    return ModelRegistry(Storage(str(tmp_path / "storage")))
+
+
+def test_every_registry_change_writes_a_new_stamp(registry, tmp_path):
+    bundle = make_bundle(tmp_path / "b", "m")
+    stamps = [registry.stamp()]
+    registry.register("m", bundle, owner="alice")
+    stamps.append(registry.stamp())
+    registry.set_visibility("m", "public", None)
+    stamps.append(registry.stamp())
+    registry.delete("m")
+    stamps.append(registry.stamp())
+    assert stamps[0] == "" and len(set(stamps)) == 4
+    assert registry.storage.listdir("models") == []  # the stamp file is hidden
+
+
+def test_cached_lookups_see_uploads_and_deletes_at_once(registry, tmp_path):
+    cache = LookupCache(registry)
+    registry.register("other", make_bundle(tmp_path / "o", "other"), owner="alice")
+    with pytest.raises(ModelNotFound, match="model 'm' not found"):
+        cache.lookup("m")
+    registry.register("m", make_bundle(tmp_path / "v1", "m", seed=1), owner="alice")
+    assert cache.lookup("m").version == 1
+    registry.register("m", make_bundle(tmp_path / "v2", "m", seed=2), owner="alice")
+    assert cache.lookup("m").version == 2
+    assert cache.lookup("m", 1).version == 1
+    registry.delete("m", 1)
+    with pytest.raises(ModelNotFound, match=re.escape("model 'm' has no version 1")):
+        cache.lookup("m", 1)
+    registry.delete("m")
+    with pytest.raises(ModelNotFound, match="model 'm' not found"):
+        cache.lookup("m")
+
+
+def test_cached_lookups_read_the_record_once_while_the_stamp_holds(registry, tmp_path, monkeypatch):
+    registry.register("m", make_bundle(tmp_path / "b", "m"), owner="alice")
+    cache = LookupCache(registry)
+    reads = []
+    record = registry.record
+    monkeypatch.setattr(registry, "record", lambda name: reads.append(name) or record(name))
+    first = [cache.lookup("m") for _ in range(5)]
+    registry.set_visibility("m", "public", None)
+    second = cache.lookup("m")
+    assert reads == ["m", "m"]
+    assert {f.model_id for f in first} == {second.model_id}
+    assert first[0].record.visibility == "private" and second.record.visibility == "public"
+
+
+def test_replaced_version_gets_a_new_model_id_and_the_cache_loads_it(registry, tmp_path):
+    old = make_bundle(tmp_path / "old", "m", seed=1)
+    new = make_bundle(tmp_path / "new", "m", seed=2)
+    lookups, models = LookupCache(registry), ModelCache(registry)
+    registry.register("m", old, owner="alice")
+    first_id = lookups.lookup("m").model_id
+    first = asyncio.run(models.get(first_id))
+    registry.delete("m")
+    registry.register("m", new, owner="alice")
+    second_id = lookups.lookup("m").model_id
+    second = asyncio.run(models.get(second_id))
+    assert parse_model_id(first_id) == parse_model_id(second_id) == ("m", 1)
+    assert first_id != second_id
+    assert first_id not in models and second_id in models  # the replaced folder is dropped
+    np.testing.assert_allclose(first.predict(ROWS), local_predict(old, ROWS), rtol=1e-5)
+    np.testing.assert_allclose(second.predict(ROWS), local_predict(new, ROWS), rtol=1e-5)
+
+
+def test_model_cache_loads_once_for_concurrent_requests_and_evicts_the_oldest(
+    registry, tmp_path, monkeypatch
+):
+    import mlaas4hep.serve.model_cache as model_cache
+
+    ids = []
+    for i in range(3):
+        registry.register(f"m{i}", make_bundle(tmp_path / f"b{i}", f"m{i}", seed=i), owner="a")
+        ids.append(LookupCache(registry).lookup(f"m{i}").model_id)
+    loads = []
+    load = model_cache.load_registered
+    monkeypatch.setattr(
+        model_cache, "load_registered", lambda r, n, v: loads.append(n) or load(r, n, v)
+    )
+    models = ModelCache(registry, capacity=2)
+
+    async def requests() -> None:
+        await asyncio.gather(*(models.get(ids[0]) for _ in range(5)))
+        await models.get(ids[1])
+        await models.get(ids[0])  # now the most recently used
+        await models.get(ids[2])
+
+    asyncio.run(requests())
+    assert loads == ["m0", "m1", "m2"]
+    assert ids[0] in models and ids[1] not in models and ids[2] in models
+
+
+@pytest.mark.parametrize("n_outputs", [1, 3])
+def test_dense_models_are_predicted_in_numpy_like_keras(tmp_path, n_outputs):
+    bundle = make_bundle(tmp_path / "b", "m", n_outputs=n_outputs)
+    model = load_bundle(bundle, "m", 1)
+    rows = np.concatenate([ROWS, ROWS * 100])  # saturated outputs too
+    assert "tensorflow" not in type(model.predict(rows)).__module__
+    expected = local_predict(bundle, rows)
+    np.testing.assert_allclose(model.predict(rows), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(model.predict(rows[:1]), expected[:1], rtol=1e-5, atol=1e-7)
+
+
+def test_other_models_are_predicted_by_tensorflow(tmp_path):
+    bundle = make_image_bundle(tmp_path / "img", "img")
+    model = load_bundle(bundle, "img", 1)
+    pixels = np.random.default_rng(0).random((2, 64)).astype(np.float32)
+    expected = local_predict(bundle, pixels.reshape(2, 8, 8, 1))
+    np.testing.assert_allclose(model.predict(pixels), expected, rtol=1e-5)
