@@ -7,9 +7,13 @@ epochs, in one run on this machine:
 * ``keras``: plain ``tf_keras`` ``model.fit`` in this process on the features held in
   memory as numpy arrays (the baseline);
 * ``platform Nw streaming``: ``train_model`` with N workers, each streaming its shard
-  from the lazy Ray Data pipeline (ROOT read + flatten re-executed every epoch);
+  from the lazy Ray Data pipeline (ROOT read + flatten); as in a pipeline, each worker
+  keeps its flattened shard in memory after the first epoch when it fits
+  (``training.cache``, the default);
 * ``platform Nw in-memory``: the same with the flattened dataset materialized in the
-  object store first.
+  object store first;
+* ``platform Nw streaming, no cache``: ``training.cache: false``, the path of data larger
+  than memory: ROOT read + flatten re-executed every epoch (``--uncached`` worker counts).
 
 Reported per configuration: steady-state samples/s (epochs 2..E: events x (E-1) over the
 time between the end of epoch 1 and the end of epoch E, so the one-off start is left
@@ -17,7 +21,7 @@ out) and time to first step (from the call to the end of the first step; for the
 platform, the first epoch report minus one steady epoch, so it includes starting the
 workers and TensorFlow). The platform's epochs include its per-epoch checkpoint.
 
-    python benchmarks/train_throughput.py [--events 100000] [--epochs 4]
+    python benchmarks/train_throughput.py [--events 200000] [--epochs 5]
 
 Prints a table and writes ``benchmarks/results/train_throughput.json``.
 """
@@ -41,7 +45,9 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build_spec(folder: Path, events: int, epochs: int, batch_size: int, workers: int):
+def build_spec(
+    folder: Path, events: int, epochs: int, batch_size: int, workers: int, cache: bool = True
+):
     """The pipeline spec of the benchmark's demo data (no validation or test split)."""
     from mlaas4hep.platform.config import parse_spec
 
@@ -57,7 +63,12 @@ def build_spec(folder: Path, events: int, epochs: int, batch_size: int, workers:
             "epochs": epochs,
             "batch_size": batch_size,
             "model": {"mlp": {"layers": [64, 32]}},
-            "training": {"validation_fraction": 0.0, "test_fraction": 0.0, "shuffle": False},
+            "training": {
+                "validation_fraction": 0.0,
+                "test_fraction": 0.0,
+                "shuffle": False,
+                "cache": cache,
+            },
             "resources": {"num_workers": workers},
         }
     )
@@ -134,10 +145,13 @@ def run_platform(ds, n_features: int, rows: int, spec, storage: Path, name: str)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=100_000, help="events per demo file")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--events", type=int, default=200_000, help="events per demo file")
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", default="1,2", help="worker counts to measure")
+    parser.add_argument(
+        "--uncached", default="1", help="worker counts to measure streaming without cache too"
+    )
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     args = parser.parse_args()
 
@@ -151,7 +165,11 @@ def main() -> None:
     try:
         write_demo_data(work, events=args.events, seed=1)
         ray.init(
-            address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False
+            address="local",
+            num_cpus=args.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=str(work / "ray"),  # a head of its own, beside any other on this machine
         )
         base = build_spec(work, args.events, args.epochs, args.batch_size, 1)
         streaming, n_features = flat_dataset(base)
@@ -166,10 +184,14 @@ def main() -> None:
 
         keras = run_keras(x, y, base)
         rows_out.append({"config": "keras in-memory (1 process)", **keras})
+        uncached = {int(w) for w in args.uncached.split(",") if w}
         for workers in (int(w) for w in args.workers.split(",")):
-            spec = build_spec(work, args.events, args.epochs, args.batch_size, workers)
-            for mode, ds in (("streaming", streaming), ("in-memory", in_memory)):
-                name = f"bench-{workers}w-{mode}"
+            runs = [("streaming", streaming, True), ("in-memory", in_memory, True)]
+            if workers in uncached:
+                runs.append(("streaming, no cache", streaming, False))
+            for mode, ds, cache in runs:
+                spec = build_spec(work, args.events, args.epochs, args.batch_size, workers, cache)
+                name = f"bench-{workers}w-{mode.replace(', ', '-').replace(' ', '-')}"
                 result = run_platform(ds, n_features, rows, spec, work / "ckpt", name)
                 rows_out.append({"config": f"platform {workers}w {mode}", **result})
     finally:
@@ -180,18 +202,18 @@ def main() -> None:
     by_config = {r["config"]: r for r in rows_out}
     for row in rows_out:
         row["vs_keras"] = row["samples_per_s"] / keras_rate
-        if row["config"].endswith("streaming"):
-            memory = by_config[row["config"].replace("streaming", "in-memory")]
+        if "streaming" in row["config"]:
+            memory = by_config[row["config"].split(" streaming")[0] + " in-memory"]
             row["streaming_vs_in_memory"] = row["samples_per_s"] / memory["samples_per_s"]
 
     print(
-        f"\n{'configuration':<30} {'samples/s':>11} {'x keras':>8} {'first step s':>13} "
+        f"\n{'configuration':<36} {'samples/s':>11} {'x keras':>8} {'first step s':>13} "
         f"{'stream/mem':>11}"
     )
     for row in rows_out:
         ratio = row.get("streaming_vs_in_memory")
         print(
-            f"{row['config']:<30} {row['samples_per_s']:>11,.0f} {row['vs_keras']:>8.2f} "
+            f"{row['config']:<36} {row['samples_per_s']:>11,.0f} {row['vs_keras']:>8.2f} "
             f"{row['first_step_s']:>13.1f} {'' if ratio is None else f'{ratio:.2f}':>11}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)

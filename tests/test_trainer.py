@@ -323,6 +323,91 @@ def test_split_without_validation_has_no_validation_dataset(ray_cluster):
     assert splits["train"].count() + splits["test"].count() == 200
 
 
+# --------------------------------------------------------------------------- worker feed
+
+
+class CountingShard:
+    """A worker's shard (``iter_batches`` of ``features``/``label`` blocks) counting its reads."""
+
+    def __init__(self, rows: np.ndarray, block: int = 500) -> None:
+        self.rows, self.block, self.reads = rows, block, 0
+
+    def iter_batches(self, batch_size, batch_format, prefetch_batches):
+        self.reads += 1
+        for start in range(0, len(self.rows), self.block):
+            part = self.rows[start : start + self.block]
+            yield {"features": part[:, :-1], "label": part[:, -1]}
+
+
+def _epoch_rows(ds) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of one epoch's batches, in order."""
+    batches = list(ds.as_numpy_iterator())
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def test_shard_that_fits_is_read_once_then_replayed_reshuffled_with_known_length():
+    import tensorflow as tf
+
+    from mlaas4hep.train.trainer import _Budget, _ShardFeed
+
+    rows = events(1200)
+    shard = CountingShard(rows)
+    feed = _ShardFeed(shard, N_FEATURES, batch_size=100, workers=1, budget=_Budget(10**8))
+    first = feed.epoch(seed=(7, 0, 0))
+    assert int(first.cardinality()) < 0  # streamed: length unknown
+    x0, _ = _epoch_rows(first)
+    assert len(x0) == 1200 and not np.isnan(x0).any()
+    feed.settle(tf.distribute.get_strategy())
+
+    second, third = feed.epoch(seed=(7, 0, 1)), feed.epoch(seed=(7, 0, 2))
+    assert shard.reads == 1  # later epochs come from the cache, not from the files
+    assert int(second.cardinality()) == 12  # 1200 rows in batches of 100
+    (x1, y1), (x2, _) = _epoch_rows(second), _epoch_rows(third)
+    assert not np.array_equal(x1, x2)  # a new permutation every epoch ...
+    key = np.lexsort(np.nan_to_num(rows[:, :-1]).T)
+    assert np.array_equal(x1[np.lexsort(x1.T)], np.nan_to_num(rows[:, :-1])[key])  # ... same rows
+    assert np.array_equal(y1[np.lexsort(x1.T)], rows[:, -1][key])
+
+
+def test_cached_shard_of_several_workers_hides_its_length_and_keeps_global_batches():
+    # tf.distribute then splits each global batch among the workers, as for a stream.
+    import tensorflow as tf
+
+    from mlaas4hep.train.trainer import _Budget, _ShardFeed
+
+    feed = _ShardFeed(CountingShard(events(1200)), N_FEATURES, 100, 2, _Budget(10**8))
+    _epoch_rows(feed.epoch())
+    feed.settle(tf.distribute.get_strategy())
+    cached = feed.epoch()
+    assert feed.cached is not None and int(cached.cardinality()) < 0
+    assert {len(x) for x, _ in cached.as_numpy_iterator()} == {100}
+
+
+def test_shard_larger_than_the_memory_budget_streams_every_epoch():
+    import tensorflow as tf
+
+    from mlaas4hep.train.trainer import _Budget, _ShardFeed
+
+    shard = CountingShard(events(1200))
+    budget = _Budget(20_000)  # less than the 1200 x 9 float32 values
+    feed = _ShardFeed(shard, N_FEATURES, batch_size=100, workers=1, budget=budget)
+    assert len(_epoch_rows(feed.epoch())[0]) == 1200
+    feed.settle(tf.distribute.get_strategy())
+    again = feed.epoch()
+    assert int(again.cardinality()) < 0 and len(_epoch_rows(again)[0]) == 1200
+    assert shard.reads == 2 and budget.left == 20_000  # nothing held back
+
+
+def test_class_weights_become_per_row_sample_weights():
+    import tensorflow as tf
+
+    from mlaas4hep.train.trainer import _weighted
+
+    ds = tf.data.Dataset.from_tensor_slices((np.zeros((4, 2), np.float32), [0.0, 1.0, 1.0, 0.0]))
+    _, _, w = next(iter(_weighted(ds.batch(4), {0: 1.0, 1: 3.0}).as_numpy_iterator()))
+    assert w.tolist() == [1.0, 3.0, 3.0, 1.0]
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -366,12 +451,12 @@ def test_save_plots_writes_png_files(tmp_path):
 def test_auc_is_added_to_a_sigmoid_model_and_user_metrics_kept(tmp_path):
     from mlaas4hep.platform.config import ModelSpec
     from mlaas4hep.train.models import build_model
-    from mlaas4hep.train.trainer import _with_auc
+    from mlaas4hep.train.trainer import _compile
 
     path = tmp_path / "model.py"
     path.write_text(MODEL_FILE)
     model = build_model(ModelSpec(file=str(path)), N_FEATURES)
-    _with_auc(model)
+    _compile(model)
     rows = events(64)
     history = model.fit(np.nan_to_num(rows[:, :-1]), rows[:, -1], epochs=1, verbose=0)
     assert {"loss", "accuracy", "auc"} <= set(history.history)
@@ -381,7 +466,7 @@ def test_auc_is_added_to_a_sigmoid_model_and_user_metrics_kept(tmp_path):
 def test_auc_is_not_forced_on_a_two_class_softmax_model(tmp_path):
     from mlaas4hep.platform.config import ModelSpec
     from mlaas4hep.train.models import build_model
-    from mlaas4hep.train.trainer import _with_auc
+    from mlaas4hep.train.trainer import _compile
 
     path = tmp_path / "softmax.py"
     path.write_text(
@@ -390,7 +475,7 @@ def test_auc_is_not_forced_on_a_two_class_softmax_model(tmp_path):
         ).replace("binary_crossentropy", "sparse_categorical_crossentropy")
     )
     model = build_model(ModelSpec(file=str(path)), N_FEATURES)
-    _with_auc(model)
+    _compile(model)
     rows = events(64)
     history = model.fit(np.nan_to_num(rows[:, :-1]), rows[:, -1], epochs=1, verbose=0)
     assert "auc" not in history.history and "accuracy" in history.history

@@ -1,10 +1,12 @@
 """The spec's ``tune`` block: search-space parsing, trial specs and trial scores.
 
-These tests run no trials (each trial is a Ray Train run); they check everything a
-search is built from.
+Most tests run no trials (each trial is a Ray Train run): they check everything a search
+is built from. One runs a real two-trial search through the pipeline.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +117,47 @@ def test_trial_score_is_the_best_epoch_of_the_metric():
     missing = spec_with({"dropout": [0.1]}, metric="val_f1").tune
     with pytest.raises(SpecError, match=r"tune.metric: 'val_f1' not reported"):
         trial_score(history, missing)
+
+
+@pytest.mark.ray
+def test_tune_search_runs_trials_and_registers_the_best_trials_model(ray_cluster, tmp_path):
+    # A real search: two one-epoch trials of the declarative MLP on small demo data, run
+    # by the pipeline itself, which registers the best trial's model.
+    from mlaas4hep.platform.demo import write_demo_data
+    from mlaas4hep.platform.pipeline import run_pipeline
+    from mlaas4hep.platform.registry import ModelRegistry
+    from mlaas4hep.platform.runs import new_run_id
+    from mlaas4hep.platform.storage import Storage
+
+    signal, background = write_demo_data(tmp_path / "data", events=400, seed=5)
+    spec = parse_spec(
+        {
+            "name": "tuned",
+            "files": [{"path": str(signal), "label": 1}, {"path": str(background), "label": 0}],
+            "identifier": ["run", "event", "luminosityBlock"],
+            "epochs": 1,
+            "batch_size": 64,
+            "model": {"mlp": {"layers": [8]}},
+            "resources": {"num_workers": 1},
+            "tune": {
+                "search_space": {"learning_rate": [0.05, 0.0001]},
+                "num_samples": 2,
+                "max_concurrent_trials": 2,
+            },
+        }
+    )
+    storage = Storage(str(tmp_path / "storage"))
+    run_id = new_run_id()
+    record = run_pipeline(spec, run_id, "alice", storage)
+
+    assert record["state"] == "SUCCEEDED", record.get("message")
+    metrics = storage.read_json("runs", run_id, "metrics.json")
+    trials = metrics["tune"]["trials"]
+    assert len(trials) == 2 and all(t["error"] is None for t in trials)
+    best = min(trials, key=lambda t: t["score"])
+    assert metrics["tune"]["best_params"] == best["params"]
+    assert min(row["val_loss"] for row in metrics["history"]) == pytest.approx(best["score"])
+    version = ModelRegistry(storage).get("tuned")
+    assert record["model"] == {"name": "tuned", "version": version.version}
+    assert version.metadata["metrics"]["tune"]["best_params"] == best["params"]
+    assert (Path(version.path) / "model.keras").is_file()

@@ -8,6 +8,12 @@ Train V2) and rank 0 adds a checkpoint (``model.keras`` + ``state.json``) under 
 storage path; a restarted run resumes from the latest one. The test split is then
 scored in the driver batch by batch.
 
+Each worker pulls its shard in large blocks and rebatches them inside ``tf.data`` (no
+Python per batch). The first epoch streams; a worker keeps its flattened shard in memory
+when it fits (``training.cache``), so later epochs neither re-read nor re-flatten the
+ROOT files and run several steps per call into TensorFlow. A shard too large for memory
+is streamed again every epoch, in bounded memory.
+
 In ``chunk`` mode (MLaaS4HEP's workflow) each worker streams its shard in chunks of
 ``chunk_size / num_workers`` events, fits each chunk ``epochs`` times, then moves on:
 one pass over the data, one report (and checkpoint) per chunk.
@@ -27,7 +33,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +48,7 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 if TYPE_CHECKING:
     import ray.data
+    import tensorflow as tf
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,15 @@ EVAL_BATCH_SIZE = 8192
 SPLITS = ("train", "validation", "test")
 #: Environment every training worker gets (legacy Keras before TensorFlow loads).
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1"}
+#: Bytes of features a worker pulls from its Ray Data shard at a time (rebatched in tf.data).
+FEED_BLOCK_BYTES = 8 << 20
+#: Share of a node's free memory its training workers may fill with their cached shards.
+CACHE_MEMORY_FRACTION = 0.25
+#: Training steps per call into TensorFlow once an epoch's length is known.
+STEPS_PER_EXECUTION = 32
+#: Ray Train's controller polling interval (s) unless set: at Ray's default (2 s) every
+#: report waits for the next poll, which dominates epochs of a few seconds.
+CONTROLLER_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 class ResourceError(RuntimeError):
@@ -220,43 +236,206 @@ def _weights_digest(weights: list[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _tf_dataset(iterator, n_features: int, batch_size: int, shuffle_seed: int | None):
-    """A ``tf.data.Dataset`` of (features, label) batches over a worker's shard."""
+def _no_shard(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """``ds`` with tf.distribute's auto-sharding off: a worker's data is already its own."""
     import tensorflow as tf
 
-    local_shuffle = max(4 * batch_size, 1024) if shuffle_seed is not None else None
-    ds = iterator.to_tf(
-        feature_columns="features",
-        label_columns="label",
-        batch_size=batch_size,
-        local_shuffle_buffer_size=local_shuffle,
-        local_shuffle_seed=shuffle_seed,
-        feature_type_spec=tf.TensorSpec(shape=(None, n_features), dtype=tf.float32),
-        label_type_spec=tf.TensorSpec(shape=(None,), dtype=tf.float32),
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options)
+
+
+#: Seed of one epoch's shuffle: (spec seed, rank, epoch); None keeps the stored order.
+Seed = tuple[int, ...] | None
+
+
+def _rows(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: Seed, workers: int) -> tf.data.Dataset:
+    """Batches of the in-memory rows ``x``, ``y``, gathered a batch at a time; with a
+    ``seed`` in a new order at every pass.
+
+    One worker: a dataset of known length (several steps per call into TensorFlow). More
+    workers: its length is hidden, as a stream's, so that tf.distribute splits each
+    global batch among the workers and each one goes through all its rows.
+    """
+    import tensorflow as tf
+
+    index = tf.data.Dataset.range(len(y))
+    if seed is not None:
+        shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+        index = index.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = index.batch(batch_size).map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
+    return _no_shard(ds if workers == 1 else ds.filter(lambda *_: True))
+
+
+@dataclass
+class _Budget:
+    """Bytes the worker may still keep in memory for its cached shards."""
+
+    left: int
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes``; False (nothing reserved) when they do not fit."""
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        """Return ``nbytes`` reserved earlier."""
+        self.left += nbytes
+
+
+class _ShardFeed:
+    """A worker's shard of one Ray Dataset as tf.data input, streamed then cached.
+
+    Blocks of ``FEED_BLOCK_BYTES`` come from Ray Data, NaN padding is set to 0 and they
+    are rebatched in tf.data. The first pass keeps the blocks while ``budget`` allows;
+    :meth:`settle` (a collective) then switches every rank to its cached rows, or every
+    rank back to streaming when one of them could not keep its shard.
+    """
+
+    def __init__(
+        self, shard: Any, n_features: int, batch_size: int, workers: int, budget: _Budget | None
+    ) -> None:
+        self.shard, self.n_features = shard, n_features
+        self.batch_size, self.workers = batch_size, workers
+        self.block_rows = max(batch_size, FEED_BLOCK_BYTES // (4 * max(1, n_features)))
+        self.budget: _Budget | None = budget
+        self.blocks: list[tuple[np.ndarray, np.ndarray]] | None = [] if budget else None
+        self.passed: int | None = None  # rows of a complete first pass
+        self.settled = False
+        self.cached = None  # (features, labels) tensors once settled on the cache
+
+    def _drop_blocks(self) -> None:
+        if self.blocks:
+            self.budget.give(sum(x.nbytes + y.nbytes for x, y in self.blocks))
+        self.blocks = None
+
+    def _stream(self, seed: Seed) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rng = None if seed is None else np.random.default_rng(seed)
+        rows = 0
+        for batch in self.shard.iter_batches(
+            batch_size=self.block_rows, batch_format="numpy", prefetch_batches=2
+        ):
+            x = to_model_input(batch["features"])
+            y = np.asarray(batch["label"], dtype=np.float32).reshape(-1)
+            if self.blocks is not None and self.passed is None:
+                if self.budget.take(x.nbytes + y.nbytes):
+                    self.blocks.append((x, y))
+                else:
+                    self._drop_blocks()  # does not fit: stream every epoch
+            if rng is not None:  # shuffle within the block; blocks come in stream order
+                perm = rng.permutation(len(x))
+                x, y = x[perm], y[perm]
+            rows += len(x)
+            yield x, y
+        if self.passed is None:
+            self.passed = rows
+
+    def epoch(
+        self, seed: Seed = None, class_weight: dict[int, float] | None = None
+    ) -> tf.data.Dataset:
+        """This epoch's batches (of the global batch size); ``seed`` shuffles."""
+        import tensorflow as tf
+
+        if self.cached is not None:
+            ds = _rows(*self.cached, self.batch_size, seed, self.workers)
+        else:
+            spec = (
+                tf.TensorSpec(shape=(None, self.n_features), dtype=tf.float32),
+                tf.TensorSpec(shape=(None,), dtype=tf.float32),
+            )
+            ds = tf.data.Dataset.from_generator(lambda: self._stream(seed), output_signature=spec)
+            ds = _no_shard(ds.rebatch(self.batch_size))
+        return _weighted(ds, class_weight).prefetch(tf.data.AUTOTUNE)
+
+    def settle(self, strategy: tf.distribute.Strategy) -> None:
+        """Once, after the first pass, on every rank (a collective): read the caches from
+        now on if every rank holds its whole shard, else stream every epoch."""
+        import tensorflow as tf
+
+        if self.settled:
+            return
+        self.settled = True
+        complete = self.blocks is not None and self.passed
+        rows = int(_agree(strategy, float(self.passed if complete else -1), reduce="min"))
+        if rows > 0:  # the same rows on every rank: the same steps, no collective left waiting
+            x = np.concatenate([b[0] for b in self.blocks])[:rows]
+            y = np.concatenate([b[1] for b in self.blocks])[:rows]
+            self.cached = (tf.convert_to_tensor(x), tf.convert_to_tensor(y))
+            self.blocks = None  # the budget stays taken: the cache holds the rows
+        self._drop_blocks()
+
+
+def _weighted(ds: tf.data.Dataset, class_weight: dict[int, float] | None) -> tf.data.Dataset:
+    """``ds`` with each row weighted by its class (Keras's ``class_weight``) when given."""
+    import tensorflow as tf
+
+    if not class_weight:
+        return ds
+    size = max(2, max(class_weight) + 1)
+    table = tf.constant([class_weight.get(c, 1.0) for c in range(size)], dtype=tf.float32)
+    return ds.map(lambda x, y: (x, y, tf.gather(table, tf.cast(y, tf.int32))))
+
+
+def _cache_budget(training: TrainingSpec, local_workers: int) -> _Budget | None:
+    """This worker's memory budget for cached shards (None: caching is off)."""
+    import psutil
+
+    if not training.cache:
+        return None
+    free = psutil.virtual_memory().available
+    return _Budget(int(free * CACHE_MEMORY_FRACTION / max(1, local_workers)))
+
+
+def _fit_epochs(
+    model: Any,
+    train: tf.data.Dataset,
+    validation: tf.data.Dataset | None,
+    epochs: int,
+    validation_freq: int,
+) -> Any:
+    """``model.fit`` over ``train`` for ``epochs`` epochs; several steps per call into
+    TensorFlow when the length of every input is known."""
+    inputs = [ds for ds in (train, validation) if ds is not None]
+    known = all(int(ds.cardinality()) >= 0 for ds in inputs)
+    # tf_keras reads the variable at every call (see _compile): 1 while a length is unknown.
+    model._steps_per_execution.assign(STEPS_PER_EXECUTION if known else 1)
+    return model.fit(
+        train,
+        validation_data=validation,
+        validation_freq=validation_freq,
+        epochs=epochs,
+        verbose=0,
     )
 
-    def clean(x, y):
-        return tf.where(tf.math.is_nan(x), tf.zeros_like(x), x), y
 
-    # to_tf turns auto-sharding off already: each worker's shard is its own.
-    return ds.map(clean)
-
-
-def _with_auc(model) -> None:
-    """Recompile ``model`` keeping the user's loss/optimizer/metrics and adding ``auc``."""
+def _compile(model: Any) -> None:
+    """Recompile ``model`` with the user's loss, optimizer and metrics, adding ``auc`` (one
+    sigmoid score) and room for several steps per call into TensorFlow."""
     import tf_keras
 
     config = getattr(getattr(model, "_compile_config", None), "config", None)
-    outputs = getattr(model, "outputs", None) or []
-    if not config or len(outputs) != 1 or outputs[0].shape[-1] != 1:
-        return  # AUC of one sigmoid score only; other heads keep the user's metrics
+    if not config:
+        raise TypeError("the model is not compiled: call model.compile(...) in model(idim)")
     metrics = list(config.get("metrics") or [])
-    if any(getattr(m, "name", m) == "auc" for m in metrics):
-        return
-    config = dict(
-        config, optimizer=model.optimizer, metrics=[*metrics, tf_keras.metrics.AUC(name="auc")]
+    outputs = getattr(model, "outputs", None) or []
+    sigmoid = len(outputs) == 1 and outputs[0].shape[-1] == 1
+    if sigmoid and not any(getattr(m, "name", m) == "auc" for m in metrics):
+        metrics.append(tf_keras.metrics.AUC(name="auc"))
+    model.compile(
+        **dict(
+            config,
+            optimizer=model.optimizer,
+            metrics=metrics,
+            steps_per_execution=STEPS_PER_EXECUTION,
+        )
     )
-    model.compile(**config)
+    # Built now, while steps_per_execution > 1: tf_keras then loops over as many steps as
+    # the variable says at each call, and _fit_epochs sets it to 1 for unknown lengths
+    # (tf_keras refuses several steps per call over an input of unknown length).
+    model.make_train_function(force=True)
+    model.make_test_function(force=True)
 
 
 def _agree(strategy, value: float, reduce: str = "mean") -> float:
@@ -266,7 +445,7 @@ def _agree(strategy, value: float, reduce: str = "mean") -> float:
     """
     import tensorflow as tf
 
-    per_replica = strategy.run(lambda: tf.constant([value], dtype=tf.float32))
+    per_replica = strategy.run(lambda: tf.constant([value], dtype=tf.float64))
     if reduce == "min":
         return float(tf.reduce_min(strategy.gather(per_replica, axis=0)))
     return float(strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=0))
@@ -357,18 +536,6 @@ def _agreed_chunks(strategy, shard, rows: int, world: int):
         yield x[:n], y[:n], events
 
 
-def _chunk_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None):
-    """A ``tf.data.Dataset`` of one in-memory chunk, not auto-sharded (the chunk is this rank's)."""
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if seed is not None:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.batch(batch_size).with_options(options)
-
-
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker: fit under MultiWorkerMirroredStrategy, report per step.
 
@@ -396,54 +563,66 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         model = build_model(
             ModelSpec.model_validate(config["model"]), n_features, source=config["model_source"]
         )
-        _with_auc(model)
+        _compile(model)
     start, history = _restore(model)
 
-    batch_size = config["batch_size"]
-    seed = training.seed + rank if training.shuffle else None
-    validation = (
-        _tf_dataset(ray.train.get_dataset_shard("validation"), n_features, batch_size, None)
-        if config["has_validation"]
-        else None
-    )
+    batch_size, world = config["batch_size"], ctx.get_world_size()
+    budget = _cache_budget(training, ctx.get_local_world_size())
+
+    def feed(name: str) -> _ShardFeed:
+        shard = ray.train.get_dataset_shard(name)
+        return _ShardFeed(shard, n_features, batch_size, world, budget)
+
+    def seed(epoch: int) -> Seed:
+        return (training.seed, rank, epoch) if training.shuffle else None
+
+    validation = feed("validation") if config["has_validation"] else None
     class_weight = {int(k): float(v) for k, v in (training.class_weights or {}).items()} or None
     monitor = "val_loss" if validation is not None else "loss"
     stopper = EarlyStopping(training.early_stopping_patience, training.early_stopping_min_delta)
     for row in history:  # resumed: the same state on every rank (rank 0's checkpoint)
         stopper.update(row.get(monitor, math.inf))
 
-    def finish_step(step: int, row: dict[str, Any]) -> bool:
+    def finish_step(step: int, row: dict[str, Any], feeds: list[_ShardFeed | None]) -> bool:
+        for each in feeds:  # after a first pass: every rank switches to its cache, or none
+            if each is not None:
+                each.settle(strategy)
         history.append(row)
         # Every rank must take the same decision, or the next collective hangs.
         stop = stopper.update(_agree(strategy, row.get(monitor, math.inf)))
         _report_step(model, rank, step, row, history, stop)
         return stop
 
-    shard = ray.train.get_dataset_shard("train")
     if training.mode == "chunk":
-        world = ctx.get_world_size()
+        shard = ray.train.get_dataset_shard("train")
         rows = max(1, config["chunk_size"] // world)
         for step, (x, y, events) in enumerate(_agreed_chunks(strategy, shard, rows, world)):
             if step < start:  # resumed: chunks fitted before the restart are skipped
                 continue
-            fit = model.fit(
-                _chunk_dataset(x, y, batch_size, seed),
-                validation_data=validation,
-                validation_freq=config["epochs"],
+            x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+            chunk = _rows(x, y, batch_size, seed(step), world)
+            fit = _fit_epochs(
+                model,
+                _weighted(chunk, class_weight),
+                None if validation is None else validation.epoch(),
                 epochs=config["epochs"],
-                verbose=0,
-                class_weight=class_weight,
+                validation_freq=config["epochs"],
             )
-            if finish_step(step, {"chunk": step, "events": events, **_last(fit)}):
+            row = {"chunk": step, "events": events, **_last(fit)}
+            if finish_step(step, row, [validation]):
                 break
         return
 
-    train = _tf_dataset(shard, n_features, batch_size, seed)
+    train = feed("train")
     for epoch in range(start, config["epochs"]):
-        fit = model.fit(
-            train, validation_data=validation, epochs=1, verbose=0, class_weight=class_weight
+        fit = _fit_epochs(
+            model,
+            train.epoch(seed(epoch), class_weight),
+            None if validation is None else validation.epoch(),
+            epochs=1,
+            validation_freq=1,
         )
-        if finish_step(epoch, {"epoch": epoch, **_last(fit)}):
+        if finish_step(epoch, {"epoch": epoch, **_last(fit)}, [train, validation]):
             break
 
 
@@ -509,7 +688,10 @@ def _model_source(model_spec: ModelSpec) -> str | None:
 
 
 def _fit(trainer, queue, on_epoch) -> tuple[Any, list[dict[str, Any]]]:
-    """Run ``trainer.fit()`` in a thread, relaying per-epoch reports to ``on_epoch``."""
+    """Run ``trainer.fit()`` in a thread, relaying per-epoch reports to ``on_epoch`` as
+    soon as they arrive."""
+    from ray.util.queue import Empty
+
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -523,17 +705,18 @@ def _fit(trainer, queue, on_epoch) -> tuple[Any, list[dict[str, Any]]]:
     last: list[dict[str, Any]] = []
     while True:
         done = not thread.is_alive()
-        while not queue.empty():
-            ranks = queue.get()["ranks"]
-            last = ranks
-            if on_epoch is not None and ranks:
-                try:
-                    on_epoch(_step(ranks[0]) + 1, _scalars(ranks[0]))
-                except Exception:
-                    logger.exception("on_epoch callback failed")
-        if done:
-            break
-        thread.join(timeout=0.5)
+        try:  # wakes up with the next report, or after a while to look at the thread
+            ranks = queue.get(timeout=0.5)["ranks"]
+        except Empty:
+            if done:
+                break
+            continue
+        last = ranks
+        if on_epoch is not None and ranks:
+            try:
+                on_epoch(_step(ranks[0]) + 1, _scalars(ranks[0]))
+            except Exception:
+                logger.exception("on_epoch callback failed")
     if "error" in outcome:
         raise TrainingError(f"training failed: {outcome['error']}") from outcome["error"]
     return outcome["result"], last
@@ -616,6 +799,7 @@ def train_model(
         "threads": max(1, int(spec.resources.cpus_per_worker)),
     }
     monitor = "val_loss" if has_validation else "loss"
+    os.environ.setdefault(*CONTROLLER_POLL)  # read by the Train controller when it starts
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TensorflowTrainer(
         _train_loop_per_worker,

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
     from mlaas4hep.train.trainer import TrainResult
 
+#: CPUs a trial's own process asks for; its Ray Train workers ask for theirs.
+TRIAL_CPUS = 0.01
 #: Samplers a search-space entry may use, with the number of arguments each takes.
 SAMPLERS = {"choice": None, "uniform": 2, "loguniform": 2, "randint": 2}
 
@@ -148,8 +150,9 @@ def tune_model(
         run_id=run_id,
     )
     tuner = tune.Tuner(
-        # The trial only drives its Train run and scores the test split.
-        tune.with_resources(trainable, {"CPU": 0}),
+        # The trial only drives its Train run and scores the test split: a token CPU share
+        # (Tune refuses a trial that asks for nothing).
+        tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=spec.tune.metric,
