@@ -77,6 +77,38 @@ def ray_env() -> dict[str, str]:
     return env
 
 
+def haproxy_dir(settings: Settings) -> Path:
+    """HAProxy's folder for this head: short, as Serve adds a 56-character subfolder and
+    HAProxy refuses socket paths over 97 characters."""
+    return Path(tempfile.gettempdir()) / f"mlaas4hep-hap-{settings.ray_port}"
+
+
+def serve_proxy_env(settings: Settings) -> dict[str, str]:
+    """Environment that puts the head's Serve apps behind ``settings.serve_proxy``.
+
+    Serve reads these flags when its controller and proxies start, so they go to
+    ``ray start`` and to the process deploying the apps. With ``haproxy``, HAProxy
+    listens on ``settings.port`` and forwards to ingress replicas that serve HTTP
+    themselves on ports ``port + 1 … port + 64``; its files sit in
+    :func:`haproxy_dir`.
+    """
+    if settings.serve_proxy != "haproxy":
+        return {}
+    folder = haproxy_dir(settings)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(settings.port + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(settings.port + 64),
+    }
+
+
 @dataclass
 class HeadState:
     """What ``start_head`` started, saved as JSON in the state folder."""
@@ -201,7 +233,11 @@ def start_head(settings: Settings, timeout: float = 120.0) -> HeadState:
         _terminate(_head_processes(str(ray_temp_dir(settings))), 10.0)
         _terminate(_client_servers_of(f"127.0.0.1:{settings.ray_port}"), 10.0)
 
-    status = _ray_start(command, log_path, timeout, cleanup)
+    proxy_env = serve_proxy_env(settings)
+    if proxy_env:
+        Path(proxy_env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]).mkdir(parents=True, exist_ok=True)
+        os.environ.update(proxy_env)  # this process deploys the apps: same flags as the head
+    status = _ray_start(command, log_path, timeout, cleanup, {**ray_env(), **proxy_env})
     if status != 0:
         tail = log_path.read_text()[-2000:]
         raise ClusterError(f"ray start failed ({status}); see {log_path}:\n{tail}")
@@ -219,7 +255,11 @@ def start_head(settings: Settings, timeout: float = 120.0) -> HeadState:
 
 
 def _ray_start(
-    command: list[str], log_path: Path, timeout: float, cleanup: Callable[[], None]
+    command: list[str],
+    log_path: Path,
+    timeout: float,
+    cleanup: Callable[[], None],
+    env: dict[str, str] | None = None,
 ) -> int | str:
     """Run ``ray start``, logging to ``log_path``: 0, or what went wrong (exit status, timeout).
 
@@ -231,7 +271,11 @@ def _ray_start(
         with log_path.open("w") as log:
             try:
                 result = subprocess.run(
-                    command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+                    command,
+                    env=env or ray_env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
                 )
                 status = result.returncode and f"exit {result.returncode}"
             except subprocess.TimeoutExpired:
@@ -337,8 +381,10 @@ def stop_head(settings: Settings, timeout: float = 20.0, keep_logs: bool = True)
     if state is None:
         return False
     procs = _head_processes(state.session_dir) + _client_servers_of(state.gcs_address)
+    procs += _head_processes(str(haproxy_dir(settings)))
     _terminate(procs, timeout)
     HeadState.path(settings).unlink(missing_ok=True)
+    shutil.rmtree(haproxy_dir(settings), ignore_errors=True)
     if not keep_logs:
         shutil.rmtree(Path(state.session_dir).parent, ignore_errors=True)
     return bool(procs)

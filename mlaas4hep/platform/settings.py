@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, field_validator
@@ -48,6 +48,11 @@ class Settings(BaseModel):
     ray_port: int = Field(default=6379, ge=1, le=65535, description="GCS port of the local head")
     num_cpus: int | None = Field(
         default=None, description="Logical CPUs of the local head (default: max(4, cores))"
+    )
+    serve_proxy: Literal["haproxy", "python"] = Field(
+        default="haproxy",
+        description="HTTP proxy of the local head's Serve apps: 'haproxy' (HAProxy in front "
+        "of ingress replicas serving HTTP themselves) or 'python' (Ray Serve's own proxy)",
     )
     ray_address: str | None = Field(
         default=None, description="Ray cluster to use instead of starting a local head"
