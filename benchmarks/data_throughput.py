@@ -141,8 +141,8 @@ def platform_flatten_only(spec, summary, specs) -> float:
     events = read_events(spec, summary).materialize()
     start = time.perf_counter()
     flat = flatten_dataset(events, specs, spec)
-    refs = [ref for bundle in flat.iter_internal_ref_bundles() for ref in bundle.block_refs]
-    ray.wait(refs, num_returns=len(refs))
+    for bundle in flat.iter_internal_ref_bundles():  # each output dropped once done
+        ray.wait(bundle.block_refs, num_returns=len(bundle.block_refs))
     seconds = time.perf_counter() - start
     del events
     return seconds
