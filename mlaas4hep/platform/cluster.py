@@ -86,8 +86,8 @@ def haproxy_dir(settings: Settings) -> Path:
 def serve_proxy_env(settings: Settings) -> dict[str, str]:
     """Environment that puts the head's Serve apps behind ``settings.serve_proxy``.
 
-    Serve reads these flags when its controller and proxies start, so they go to
-    ``ray start`` and to the process deploying the apps. With ``haproxy``, HAProxy
+    Serve's controller, proxies and replicas read these flags when they start, so they go
+    to ``ray start``: the processes of the head inherit them. With ``haproxy``, HAProxy
     listens on ``settings.port`` and forwards to ingress replicas that serve HTTP
     themselves on ports ``port + 1 … port + 64``; its files sit in
     :func:`haproxy_dir`.
@@ -235,8 +235,7 @@ def start_head(settings: Settings, timeout: float = 120.0) -> HeadState:
 
     proxy_env = serve_proxy_env(settings)
     if proxy_env:
-        Path(proxy_env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]).mkdir(parents=True, exist_ok=True)
-        os.environ.update(proxy_env)  # this process deploys the apps: same flags as the head
+        haproxy_dir(settings).mkdir(parents=True, exist_ok=True)
     status = _ray_start(command, log_path, timeout, cleanup, {**ray_env(), **proxy_env})
     if status != 0:
         tail = log_path.read_text()[-2000:]

@@ -134,11 +134,11 @@ class _OpenTrees:
 
     @staticmethod
     def _key(path: str, tree: str, handler: Handler) -> tuple:
-        local = path.removeprefix("file://")
-        if os.path.isfile(local):
-            stat = os.stat(local)
-            return (path, tree, handler, stat.st_size, stat.st_mtime_ns)
-        return (path, tree, handler)
+        try:
+            stat = os.stat(path.removeprefix("file://"))
+        except OSError:  # a remote URL
+            return (path, tree, handler)
+        return (path, tree, handler, stat.st_size, stat.st_mtime_ns)
 
     def get(self, path: str, tree: str, timeout: float, handler: Handler) -> tuple[tuple, Any]:
         """Return ``(key, tree)``, opening the tree with :func:`open_tree` if not kept."""

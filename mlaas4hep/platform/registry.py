@@ -18,6 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -111,8 +113,13 @@ class ModelRegistry:
                 return str(info[key])
         return ""
 
-    def _changed(self) -> None:
-        self.storage.write_text(uuid.uuid4().hex, "models", STAMP_FILE)
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Around a change of the registry: a new stamp after it, even a failed one."""
+        try:
+            yield
+        finally:
+            self.storage.write_text(uuid.uuid4().hex, "models", STAMP_FILE)
 
     def _record_data(self, name: str) -> dict[str, Any] | None:
         try:
@@ -187,7 +194,7 @@ class ModelRegistry:
             data = {"name": name, "owner": owner, "created": _now()}
         data["visibility"] = visibility
         data["groups"] = list(groups or data.get("groups", []))
-        try:
+        with self._changing():
             self.storage.write_json(data, "models", name, "model.json")
             for _attempt in range(20):
                 version = (max(self.versions(name), default=0)) + 1
@@ -197,8 +204,6 @@ class ModelRegistry:
                     continue  # another writer took this number; take the next one
                 return self.get(name, version)
             raise RegistryError(f"could not publish a new version of {name!r}")
-        finally:
-            self._changed()
 
     def set_visibility(self, name: str, visibility: Visibility, groups: list[str] | None) -> None:
         data = self._record_data(name)
@@ -207,22 +212,18 @@ class ModelRegistry:
         data["visibility"] = visibility
         if groups is not None:
             data["groups"] = groups
-        try:
+        with self._changing():
             self.storage.write_json(data, "models", name, "model.json")
-        finally:
-            self._changed()
 
     def delete(self, name: str, version: int | None = None) -> None:
         """Delete one version, or the whole model when ``version`` is ``None``."""
         record = self.record(name)
         if version is not None and int(version) not in record.versions:
             raise ModelNotFound(f"model {name!r} has no version {version}")
-        try:
+        with self._changing():
             if version is None:
                 self.storage.delete("models", name)
                 return
             self.storage.delete("models", name, str(int(version)))
             if not self.versions(name):
                 self.storage.delete("models", name)
-        finally:
-            self._changed()
