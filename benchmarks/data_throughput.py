@@ -11,8 +11,9 @@ It writes, into a temporary folder,
   ``--basket`` events;
 * a *narrow* file: the H->ZZ branches of ``uproot-HZZ.root`` replicated the same way;
 
-serves both from a loopback ``xrootd``, and measures events/s and MB/s (uncompressed bytes
-of the branches read) of
+serves both from a loopback ``xrootd``, and measures events/s, events/s per core (one
+process: events per CPU-second of that process; Ray Data: events/s over the cores) and MB/s
+(uncompressed bytes of the branches read) of
 
 * (a) the specs pass (read + per-block specs + merge),
 * (b) flatten alone (events already in memory),
@@ -22,9 +23,10 @@ of the branches read) of
   the file twice,
 
 for the platform on Ray Data (a local Ray using every core) and a single-process baseline
-(``uproot.iterate`` plus the same ``block_specs`` / ``flatten_columns`` functions), local and
-over ``root://``; and the driver's peak RSS during (c) for two numbers of events. It prints a
-table and writes JSON to ``benchmarks/results/data_throughput.json``.
+(``uproot.iterate`` plus the same ``block_specs`` / ``flatten_columns`` functions, in steps
+of whole baskets as big as the platform's read tasks), local and over ``root://``; and
+the driver's peak RSS during (c) for two numbers of events. It prints a table and writes
+JSON to ``benchmarks/results/data_throughput.json``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import traceback
 from collections.abc import Callable
 from functools import reduce
 from pathlib import Path
+from typing import NamedTuple
 
 import awkward as ak
 import psutil
@@ -51,6 +54,7 @@ import uproot
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
+CORES = os.cpu_count() or 1
 
 
 def replicate(source: Path, tree: str, target: Path, events: int, basket: int) -> list[str]:
@@ -75,7 +79,7 @@ def replicate(source: Path, tree: str, target: Path, events: int, basket: int) -
 def spec_for(path: str, **extra):
     from mlaas4hep.platform.config import parse_spec
 
-    return parse_spec({"files": [{"path": path, "label": 1}], "chunk_size": 10_000, **extra})
+    return parse_spec({"files": [{"path": path, "label": 1}], **extra})
 
 
 class PeakRSS:
@@ -97,10 +101,15 @@ class PeakRSS:
         self.thread.join()
 
 
-def timed(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
+class Timing(NamedTuple):
+    seconds: float  # wall clock
+    cpu_seconds: float  # this process's CPU time (all of a 1-process run's work)
+
+
+def timed(function: Callable[[], object]) -> Timing:
+    start, cpu = time.perf_counter(), time.process_time()
     function()
-    return time.perf_counter() - start
+    return Timing(time.perf_counter() - start, time.process_time() - cpu)
 
 
 # --- platform on Ray Data ----------------------------------------------------------------
@@ -131,21 +140,21 @@ def platform_full(spec, summary) -> int:
     return rows
 
 
-def platform_flatten_only(spec, summary, specs) -> float:
+def platform_flatten_only(spec, summary, specs) -> Timing:
     """Seconds to flatten events already materialized in the object store."""
     import ray
 
     from mlaas4hep.platform.datasource import read_events
     from mlaas4hep.platform.flatten import flatten_dataset
 
-    events = read_events(spec, summary).materialize()
-    start = time.perf_counter()
-    flat = flatten_dataset(events, specs, spec)
-    for bundle in flat.iter_internal_ref_bundles():  # each output dropped once done
-        ray.wait(bundle.block_refs, num_returns=len(bundle.block_refs))
-    seconds = time.perf_counter() - start
-    del events
-    return seconds
+    cached = read_events(spec, summary).materialize()
+
+    def flatten_all() -> None:
+        flat = flatten_dataset(cached, specs, spec)
+        for bundle in flat.iter_internal_ref_bundles():  # each output dropped once done
+            ray.wait(bundle.block_refs, num_returns=len(bundle.block_refs))
+
+    return timed(flatten_all)
 
 
 # --- single-process baseline -------------------------------------------------------------
@@ -178,7 +187,7 @@ def baseline_full(path: str, names: list[str], step: int) -> int:
     return rows
 
 
-def baseline_flatten_only(path: str, names: list[str], step: int, specs) -> float:
+def baseline_flatten_only(path: str, names: list[str], step: int, specs) -> Timing:
     from mlaas4hep.platform.flatten import flatten_columns
 
     chunks = [{n: chunk[n] for n in names} for chunk in baseline_iterate(path, names, step)]
@@ -194,17 +203,32 @@ def baseline_flatten_only(path: str, names: list[str], step: int, specs) -> floa
 # --- driver --------------------------------------------------------------------------------
 
 
-def measure(label: str, path: str, events: int, step: int, flatten_only: bool) -> list[dict]:
+def baseline_step(summary, basket: int) -> int:
+    """The baseline's events per ``uproot.iterate`` step: what a platform read task gets
+    without ``chunk_size`` (about ``TASK_BYTES``), in whole baskets."""
+    from mlaas4hep.platform.datasource import TASK_BYTES
+
+    events = int(TASK_BYTES / summary.files[0].bytes_per_entry)
+    return max(basket, events // basket * basket)
+
+
+def measure(
+    label: str, path: str, events: int, chunk_size: int | None, basket: int, flatten_only: bool
+) -> list[dict]:
     from mlaas4hep.platform.rootio import inspect_inputs
 
-    spec = spec_for(path, chunk_size=step)
+    spec = spec_for(path, chunk_size=chunk_size)
     summary = inspect_inputs(spec)
+    step = chunk_size or baseline_step(summary, basket)
     names = [b.name for b in summary.features]
     mb = summary.files[0].bytes_per_entry * events / 1e6
     specs = platform_specs(spec, summary)
     rows: list[dict] = []
 
-    def row(stage: str, runner: str, seconds: float) -> None:
+    def row(stage: str, runner: str, timing: Timing) -> None:
+        seconds = timing.seconds
+        # per core: one process's events per CPU-second; Ray Data's events/s over the cores
+        per_core = events / timing.cpu_seconds if runner == "1-process" else events / seconds
         rows.append(
             {
                 "file": label,
@@ -214,6 +238,7 @@ def measure(label: str, path: str, events: int, step: int, flatten_only: bool) -
                 "features": specs.n_features,
                 "seconds": round(seconds, 3),
                 "events_per_s": round(events / seconds),
+                "events_per_core_s": round(per_core / (1 if runner == "1-process" else CORES)),
                 "mb_per_s": round(mb / seconds, 1),
             }
         )
@@ -272,13 +297,16 @@ def machine() -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'file':<14} {'stage':<22} {'runner':<10} {'events/s':>10} {'MB/s':>8} {'s':>8}"
+    header = (
+        f"{'file':<14} {'stage':<22} {'runner':<10} {'events/s':>10} {'per core':>10} "
+        f"{'MB/s':>8} {'s':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
             f"{r['file']:<14} {r['stage']:<22} {r['runner']:<10} {r['events_per_s']:>10,} "
-            f"{r['mb_per_s']:>8.1f} {r['seconds']:>8.2f}"
+            f"{r['events_per_core_s']:>10,} {r['mb_per_s']:>8.1f} {r['seconds']:>8.2f}"
         )
 
 
@@ -290,7 +318,9 @@ def main() -> int:
     parser.add_argument("--wide-events", type=int, default=200_000)
     parser.add_argument("--narrow-events", type=int, default=1_000_000)
     parser.add_argument("--basket", type=int, default=10_000, help="events per basket")
-    parser.add_argument("--chunk-size", type=int, default=10_000, help="events per read task")
+    parser.add_argument(
+        "--chunk-size", type=int, help="events per read task (default: the platform's, by bytes)"
+    )
     parser.add_argument("--no-xrootd", action="store_true", help="skip the root:// runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "data_throughput.json")
     parser.add_argument(
@@ -357,17 +387,18 @@ def main() -> int:
         import logging
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        step = args.chunk_size
+        chunk, basket = args.chunk_size, args.basket
         rows = []
-        rows += measure("wide local", str(wide), args.wide_events, step, flatten_only=True)
-        rows += measure("narrow local", str(narrow), args.narrow_events, step, flatten_only=True)
+        rows += measure("wide local", str(wide), args.wide_events, chunk, basket, True)
+        rows += measure("narrow local", str(narrow), args.narrow_events, chunk, basket, True)
         if not args.no_xrootd:
             try:
                 with run_xrootd() as server:
-                    rows += measure("wide root://", server.add(wide), args.wide_events, step, False)
-                    rows += measure(
-                        "narrow root://", server.add(narrow), args.narrow_events, step, False
-                    )
+                    for label, path, events in (
+                        ("wide root://", server.add(wide), args.wide_events),
+                        ("narrow root://", server.add(narrow), args.narrow_events),
+                    ):
+                        rows += measure(label, path, events, chunk, basket, False)
             except XRootDNotInstalled as error:
                 print(f"  skipping root:// runs: {error}")
         results["rows"] = rows

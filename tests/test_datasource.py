@@ -75,6 +75,27 @@ def test_read_tasks_are_cluster_aligned_with_int_sizes(demo_files) -> None:
     assert tasks[1].metadata.input_files == (str(demo_files[1]),)
 
 
+def test_without_chunk_size_read_tasks_hold_about_task_bytes_of_whole_clusters(
+    demo_files, monkeypatch
+) -> None:
+    from mlaas4hep.platform import datasource
+
+    summary = inspect_inputs(demo_spec(demo_files))
+    per_entry = min(f.bytes_per_entry for f in summary.files)  # 145 and 116 bytes
+    monkeypatch.setattr(datasource, "TASK_BYTES", 2500 * per_entry)  # 2,000 to 2,500 events
+    rows = [t.metadata.num_rows for t in RootDatasource(summary).get_read_tasks(1)]
+    assert rows == [2000, 2000, 1000, 1000]  # clusters of 1,000: whole ones up to the size
+    monkeypatch.setattr(datasource, "TASK_BYTES", 10**12)  # a narrow tree: one task a file
+    assert [t.metadata.num_rows for t in RootDatasource(summary).get_read_tasks(1)] == [3000] * 2
+    chunked = RootDatasource(summary, chunk_size=1000).get_read_tasks(1)  # the spec's size wins
+    assert [t.metadata.num_rows for t in chunked] == [1000] * 6
+
+
+def test_per_chunk_training_chunks_default_to_mlaas4hep_chunk_size(demo_files) -> None:
+    assert demo_spec(demo_files).chunk_events == 10_000
+    assert demo_spec(demo_files, chunk_size=600).chunk_events == 600
+
+
 def test_read_task_yields_features_identifiers_label_and_file_index(demo_files) -> None:
     spec = demo_spec(demo_files, identifier="run,event,luminosityBlock")
     source = RootDatasource(inspect_inputs(spec), chunk_size=1000)
@@ -244,6 +265,8 @@ def test_events_that_fit_are_read_once_into_the_object_store(
 
     cached = once("auto")
     assert isinstance(cached, MaterializedDataset) and cached.count() == 2421
+    # read without Ray Data's per-operator reservation; what derives from it has it again
+    assert cached.context.op_resource_reservation_enabled
     assert not isinstance(once("never"), MaterializedDataset)
     monkeypatch.setattr(datasource, "CACHE_FRACTION", 0.0)  # nothing fits: stream every pass
     assert not isinstance(once("auto"), MaterializedDataset)
@@ -253,3 +276,13 @@ def test_events_that_fit_are_read_once_into_the_object_store(
 def test_cache_events_accepts_only_its_three_modes(shared_data: Path) -> None:
     with pytest.raises(ValueError, match="cache_events"):
         one_file_spec(shared_data / HZZ, "events", cache_events="sometimes")
+
+
+def test_processes_that_read_root_files_refresh_ray_data_limits_promptly() -> None:
+    # Ray Data 2.60 starts each execution with zero limits (one task at a time) until
+    # its first refresh; a Ray upgrade that moves the setting must be noticed here.
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    from mlaas4hep.platform.execution import LIMITS_REFRESH_S
+
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == LIMITS_REFRESH_S

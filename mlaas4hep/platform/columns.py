@@ -107,14 +107,18 @@ def _from_numpy(values: np.ndarray, name: str) -> Column:
 
 
 def _from_awkward(values: ak.Array, name: str) -> Column:
+    # What uproot reads is taken from the layout's buffers as they are (no copy, and none
+    # of the high-level functions' per-call cost, which adds up over ~1,000 branches).
+    layout = values.layout
+    if isinstance(layout, ak.contents.NumpyArray) and layout.data.ndim == 1:
+        return Column(_check_numeric(np.asarray(layout.data), name))
     if values.ndim == 1:
         return Column(_check_numeric(ak.to_numpy(values), name))
     if values.ndim > 2:
         raise ColumnError(f"branch {name!r}: lists of lists (doubly-jagged) are not supported")
-    layout = values.layout
     if isinstance(layout, ak.contents.ListOffsetArray) and isinstance(
         layout.content, ak.contents.NumpyArray
-    ):  # what uproot reads: offsets and values as they are, no copy
+    ):
         offsets = np.asarray(layout.offsets.data).astype(np.int64, copy=False)
         start, stop = int(offsets[0]), int(offsets[-1])
         flat = np.asarray(layout.content.data)[start:stop]

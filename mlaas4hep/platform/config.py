@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: Model names become storage paths and URL segments.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: Events per chunk of per-chunk training when the spec sets no ``chunk_size``.
+DEFAULT_CHUNK_EVENTS = 10_000
 
 
 class SpecError(ValueError):
@@ -170,7 +172,8 @@ class TrainingSpec(BaseModel):
     mode: Literal["standard", "chunk"] = Field(
         default="standard",
         description="standard: each epoch goes over all training events; chunk: MLaaS4HEP's "
-        "per-chunk training, each chunk of chunk_size events is fitted `epochs` times in turn",
+        "per-chunk training, each chunk of chunk_size events (10,000 when unset) is fitted "
+        "`epochs` times in turn",
     )
 
     @model_validator(mode="after")
@@ -222,7 +225,12 @@ class PipelineSpec(BaseModel):
     )
     branch: str = Field(default="Events", min_length=1, description="TTree path in each file")
     nevts: int = Field(default=-1, ge=-1, description="Events to read in total; -1 reads all")
-    chunk_size: int = Field(default=10_000, ge=1, description="Events per read task")
+    chunk_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Events per read task (MLaaS4HEP's chunk, also per-chunk training's chunk); "
+        "unset: each task reads whole ROOT clusters worth about 64 MB of uncompressed events",
+    )
     epochs: int = Field(default=5, ge=1, le=10_000)
     batch_size: int = Field(default=256, ge=1)
     identifier: list[str] = Field(
@@ -337,6 +345,11 @@ class PipelineSpec(BaseModel):
             )
             logger.warning("ignoring unknown spec keys: %s", ", ".join(ignored or unknown))
         return self
+
+    @property
+    def chunk_events(self) -> int:
+        """Events per chunk of per-chunk training: ``chunk_size``, or MLaaS4HEP's 10,000."""
+        return self.chunk_size or DEFAULT_CHUNK_EVENTS
 
     def resolved_paths(self) -> list[str]:
         """Return each file's path, with logical ``/store/...`` names put behind the redirector."""

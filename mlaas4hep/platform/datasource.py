@@ -2,7 +2,9 @@
 
 :class:`RootDatasource` plans one read task per (file, entry range): ranges follow the
 tree's clusters (entry offsets where every branch starts a basket) so that no basket
-is decompressed twice, and hold at most ``chunk_size`` entries. Each task opens its
+is decompressed twice, and hold at most ``chunk_size`` entries, or, without one, about
+:data:`TASK_BYTES` of uncompressed events (a narrow tree's task then reads many
+clusters, a wide tree's one or a few). Each task opens its
 file, reads only the branches it needs and yields one Arrow table with
 
 * one column per feature branch (scalars for flat branches, lists for jagged ones,
@@ -50,11 +52,13 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from mlaas4hep.platform.config import PipelineSpec
+from mlaas4hep.platform.execution import materialize_unreserved, refresh_limits_promptly
 from mlaas4hep.platform.rootio import (
     DEFAULT_TIMEOUT,
     FILE_INDEX_COLUMN,
     LABEL_COLUMN,
     DataError,
+    FileSummary,
     Handler,
     InputsSummary,
     inspect_inputs,
@@ -63,8 +67,14 @@ from mlaas4hep.platform.rootio import (
 )
 
 logger = logging.getLogger(__name__)
+refresh_limits_promptly()  # before this process runs any Ray Data execution
 
 Order = Literal["none", "blocks", "global"]
+
+#: Uncompressed bytes of events a read task reads when the spec sets no ``chunk_size``:
+#: big enough that a narrow tree's task is not all overhead, small enough that a wide
+#: tree's task (and its flattened output, ~2.5x bigger) stays a block Ray moves easily.
+TASK_BYTES = 64 * 2**20
 
 #: Largest share of Ray's object store that ``cache_events: "auto"`` fills with events.
 CACHE_FRACTION = 0.25
@@ -225,7 +235,8 @@ def _read_chunk(
 class RootDatasource(Datasource):
     """Read the events of the checked inputs of a spec (see :func:`inspect_inputs`).
 
-    ``events`` gives the entries to read from the start of each file (default: all).
+    ``events`` gives the entries to read from the start of each file (default: all);
+    ``chunk_size`` the events per read task (default: about :data:`TASK_BYTES` each).
     The files' chunks are interleaved in proportion to their sizes; ``order="blocks"``
     permutes them with ``seed``. ``pipeline`` tags the read metrics.
     """
@@ -234,14 +245,14 @@ class RootDatasource(Datasource):
         self,
         summary: InputsSummary,
         events: Sequence[int] | None = None,
-        chunk_size: int = 10_000,
+        chunk_size: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         order: Order = "none",
         seed: int = 0,
         pipeline: str = "none",
     ) -> None:
         super().__init__()
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         self.summary = summary
         self.events = list(events) if events is not None else [f.entries for f in summary.files]
@@ -257,12 +268,18 @@ class RootDatasource(Datasource):
         chunks, position = [], []
         for index, (info, count) in enumerate(zip(self.summary.files, self.events, strict=True)):
             stop = min(count, info.entries)
-            for start, end in plan_ranges(info.clusters, stop, self.chunk_size):
+            for start, end in plan_ranges(info.clusters, stop, self._task_events(info)):
                 nbytes = int(info.bytes_per_entry * (end - start))
                 chunks.append(_Chunk(index, info.path, info.label, start, end, nbytes))
                 position.append(((start + end) / 2 / stop, index))
         # Interleave: each chunk goes where its middle sits within its own file.
         return [chunk for _, chunk in sorted(zip(position, chunks, strict=True))]
+
+    def _task_events(self, info: FileSummary) -> int:
+        """Events per read task of a file: ``chunk_size``, or about :data:`TASK_BYTES`."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, int(TASK_BYTES / max(info.bytes_per_entry, 1.0)))
 
     def get_name(self) -> str:
         return "ReadROOT"
@@ -339,7 +356,7 @@ def read_events_once(
                 capacity / 1e6,
             )
             return events
-    return events.materialize()
+    return materialize_unreserved(events)
 
 
 def _source(

@@ -41,6 +41,7 @@ import pyarrow as pa
 
 from mlaas4hep.platform.columns import Column, as_column
 from mlaas4hep.platform.config import PipelineSpec
+from mlaas4hep.platform.execution import unreserved
 from mlaas4hep.platform.rootio import FILE_INDEX_COLUMN, RESERVED_COLUMNS
 
 if TYPE_CHECKING:
@@ -229,16 +230,18 @@ def compute_specs(ds: ray.data.Dataset, spec: PipelineSpec) -> FeatureSpecs:
     and the values the cap drops are counted in ``truncated``.
     """
     file_paths = spec.resolved_paths()
-    partial = ds.map_batches(
-        _specs_of_batch,
-        batch_format="pyarrow",
-        batch_size=None,
-        zero_copy_batch=True,
-        fn_kwargs={
-            "exclude": list(spec.identifier),
-            "file_paths": file_paths,
-            "max_jagged_dim": spec.max_jagged_dim,
-        },
+    partial = unreserved(  # a few kilobytes a block: nothing to hold back
+        ds.map_batches(
+            _specs_of_batch,
+            batch_format="pyarrow",
+            batch_size=None,
+            zero_copy_batch=True,
+            fn_kwargs={
+                "exclude": list(spec.identifier),
+                "file_paths": file_paths,
+                "max_jagged_dim": spec.max_jagged_dim,
+            },
+        )
     )
     parts = [FeatureSpecs.from_dict(json.loads(row["specs"])) for row in partial.take_all()]
     if not parts:

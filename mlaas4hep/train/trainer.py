@@ -794,7 +794,7 @@ def train_model(
         "n_features": int(n_features),
         "epochs": spec.epochs,
         "batch_size": spec.batch_size,
-        "chunk_size": spec.chunk_size,
+        "chunk_size": spec.chunk_events,
         "has_validation": has_validation,
         "threads": max(1, int(spec.resources.cpus_per_worker)),
     }
