@@ -124,6 +124,17 @@ def test_dense_models_are_predicted_in_numpy_like_keras(tmp_path, n_outputs):
     np.testing.assert_allclose(model.predict(rows[:1]), expected[:1], rtol=1e-5, atol=1e-7)
 
 
+def test_dense_models_can_be_predicted_through_their_keras_graph(tmp_path):
+    bundle = make_bundle(tmp_path / "b", "m")
+    numpy_model = load_bundle(bundle, "m", 1)
+    keras_model = load_bundle(bundle, "m", 1, numpy_dense=False)
+    np.testing.assert_allclose(
+        keras_model.predict(ROWS), numpy_model.predict(ROWS), rtol=1e-5, atol=1e-7
+    )
+    assert keras_model._call.__qualname__.startswith("_compiled.")  # the traced graph
+    assert numpy_model._call.__qualname__.startswith("_dense_forward.")
+
+
 def test_other_models_are_predicted_by_tensorflow(tmp_path):
     bundle = make_image_bundle(tmp_path / "img", "img")
     model = load_bundle(bundle, "img", 1)

@@ -18,10 +18,11 @@ The model does not see NaNs: :func:`to_model_input` turns them into 0.0, as
 MLaaS4HEP's training loop does (``x_train[np.isnan(x_train)] = 0``); the mask is
 kept beside the features and is not fed to the model.
 
-Flattening writes each block into one preallocated float32 matrix with a single
-compiled (numba) pass over the events, row by row: the per-branch work in Python is
-only collecting each branch's numpy buffers, so a file of ~1,000 branches costs about
-what one of ~100 does per value.
+Flattening writes each block into one preallocated float32 matrix: the jagged slots are
+filled with the padding in bulk, then a single compiled (numba) pass over the events, row
+by row, writes the values. The per-branch work in Python is only collecting each
+branch's numpy buffers, so a file of ~1,000 branches costs about what one of ~100 does
+per value.
 """
 
 from __future__ import annotations
@@ -72,25 +73,19 @@ def _ranges(keys: Sequence[str], specs: FeatureSpecs) -> tuple[np.ndarray, np.nd
 
 
 @numba.njit(nogil=True, cache=True)
-def _fill_rows(
-    features, mask, flat, flat_low, flat_span, offsets, values, jcol, jdim, jlow, jspan, pad
-):
-    """Write every event's row: flat columns, then each jagged column padded to its dim."""
+def _fill_rows(features, mask, flat, flat_low, flat_span, offsets, values, jcol, jdim, jlow, jspan):
+    """Write every event's row: flat columns, then the values of each jagged column (at
+    most its dim); the jagged slots hold the padding (mask 1) beforehand."""
     for i in range(features.shape[0]):
         for c in range(flat.shape[0]):
             features[i, c] = (flat[c, i] - flat_low[c]) / flat_span[c]
-            mask[i, c] = 0
         for k in range(jcol.shape[0]):
             start = offsets[k, i]
-            count = offsets[k, i + 1] - start
+            count = min(offsets[k, i + 1] - start, jdim[k])
             col = jcol[k]
-            for j in range(jdim[k]):
-                if j < count:
-                    features[i, col + j] = (values[start + j] - jlow[k]) / jspan[k]
-                    mask[i, col + j] = 0
-                else:
-                    features[i, col + j] = pad
-                    mask[i, col + j] = 1
+            for j in range(count):
+                features[i, col + j] = (values[start + j] - jlow[k]) / jspan[k]
+                mask[i, col + j] = 0
 
 
 def flatten_columns(
@@ -127,9 +122,14 @@ def flatten_columns(
 
     features = np.empty((n, specs.n_features), dtype=np.float32)
     mask = np.empty((n, specs.n_features), dtype=np.uint8)
+    # Most jagged slots are padding: filled in bulk first, the kernel writes the values.
+    nflat = len(specs.fkeys)
+    features[:, nflat:] = pad
+    mask[:, :nflat] = 0
+    mask[:, nflat:] = 1
     _fill_rows(
         features, mask, flat, *_ranges(specs.fkeys, specs), offsets, values,
-        jcol, jdim, *_ranges(jkeys, specs), float(pad),
+        jcol, jdim, *_ranges(jkeys, specs),
     )  # fmt: skip
     return features, mask
 

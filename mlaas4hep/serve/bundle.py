@@ -306,7 +306,7 @@ def feature_names_of(path: Path, n_features: int) -> list[str]:
 class LoadedModel:
     """A bundle loaded for inference: the model plus its params, labels and feature names."""
 
-    def __init__(self, path: Path, name: str, version: int) -> None:
+    def __init__(self, path: Path, name: str, version: int, numpy_dense: bool = True) -> None:
         self.name = name
         self.version = version
         self.params = check_bundle_dir(path, name, match=False)
@@ -326,7 +326,7 @@ class LoadedModel:
         self.n_features = int(np.prod(shape_in[1:]))
         self.n_outputs = int(np.prod(shape_out[1:])) if len(shape_out) > 1 else 1
         self.feature_names = feature_names_of(path, self.n_features)
-        self._call = _dense_forward(self.model) or _compiled(
+        self._call = (numpy_dense and _dense_forward(self.model)) or _compiled(
             self.model, tuple(int(d) for d in shape_in[1:])
         )
         self.specs = _specs_of(path / "specs.json", self.n_features)
@@ -522,6 +522,11 @@ def _dense_forward(model: Any) -> Forward | None:
     return forward
 
 
-def load_bundle(path: Path, name: str, version: int) -> LoadedModel:
-    """Load the bundle at ``path`` (imports TensorFlow); :class:`BundleError` if unusable."""
-    return LoadedModel(path, name, version)
+def load_bundle(path: Path, name: str, version: int, numpy_dense: bool = True) -> LoadedModel:
+    """Load the bundle at ``path`` (imports TensorFlow); :class:`BundleError` if unusable.
+
+    A ``Sequential`` stack of ``Dense`` layers predicts as a numpy forward pass unless
+    ``numpy_dense`` is False; every other model (and then that one) through its traced
+    Keras graph.
+    """
+    return LoadedModel(path, name, version, numpy_dense)
