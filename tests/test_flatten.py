@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def test_sliced_chunked_and_awkward_inputs_flatten_like_one_arrow_table(
     hzz, shared_data: Path
 ) -> None:
     columns, specs, _ = hzz
-    whole, _ = flatten_columns(columns, specs)
+    whole, _ = flatten_columns(columns, specs)  # the smaller blocks reuse its buffers
     table = pa.table(columns)
     sliced = table.slice(100, 400)  # list offsets no longer start at 0
     two_chunks = pa.concat_tables([table.slice(100, 150), table.slice(250, 250)])
@@ -215,3 +216,16 @@ def test_flatten_dataset_matches_local_flattening(ray_cluster, shared_data: Path
     want = {tuple(np.nan_to_num(r, nan=-9)) for r in ref_features[ref_order]}
     assert got == want
     assert batch["mask"].sum() == ref_mask.sum()
+
+
+def test_flattening_keeps_no_input_buffer_over_the_scratch_limit(hzz, monkeypatch) -> None:
+    from mlaas4hep.platform import flatten
+
+    columns, specs, _ = hzz
+    expected, _ = flatten_columns(columns, specs)
+    assert flatten._SCRATCH.flat.nbytes >= 8 * len(specs.fkeys) * 2421  # kept for the next
+    monkeypatch.setattr(flatten, "_SCRATCH", threading.local())  # a thread's first call
+    monkeypatch.setattr(flatten, "SCRATCH_BYTES", 0)
+    features, _ = flatten_columns(columns, specs)
+    np.testing.assert_array_equal(features, expected)
+    assert flatten._SCRATCH.flat is None and flatten._SCRATCH.offsets is None
