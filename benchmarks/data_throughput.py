@@ -236,7 +236,7 @@ def measure(
     def row(stage: str, runner: str, timing: Timing) -> None:
         seconds = timing.seconds
         # per core: one process's events per CPU-second; Ray Data's events/s over the cores
-        per_core = events / timing.cpu_seconds if runner == "1-process" else events / seconds
+        per_core = events / (timing.cpu_seconds if runner == "1-process" else seconds * CORES)
         rows.append(
             {
                 "file": label,
@@ -246,7 +246,7 @@ def measure(
                 "features": specs.n_features,
                 "seconds": round(seconds, 3),
                 "events_per_s": round(events / seconds),
-                "events_per_core_s": round(per_core / (1 if runner == "1-process" else CORES)),
+                "events_per_core_s": round(per_core),
                 "mb_per_s": round(mb / seconds, 1),
             }
         )

@@ -56,7 +56,6 @@ SPECS = {
     "events": {"total": 0},
 }
 
-#: Serve modes: environment of the Ray head's processes.
 #: Serve modes: the local head's ``serve_proxy`` setting, and extra environment of its
 #: processes.
 MODES: dict[str, tuple[str, dict[str, str]]] = {

@@ -76,15 +76,9 @@ def ray_cluster(platform_settings):
     # which killed workers leave behind) into the session folder, removed at the end.
     scratch = _SESSION_DIR / "tmp"
     scratch.mkdir(exist_ok=True)
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(scratch)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(scratch))
         head = start_head(platform_settings)
-    finally:
-        if saved is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved
     ray.init(address=head.gcs_address, log_to_driver=False)
     yield ray
     ray.shutdown()
