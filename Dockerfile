@@ -36,10 +36,12 @@ CMD ["-c", "/etc/xcache/xcache.cfg", "-p", "1094"]
 # ---------------------------------------------------------------- platform (final)
 FROM rayproject/ray:${RAY_IMAGE_TAG} AS platform
 USER root
-# The XRootD client (xrdcp, xrdfs) for root:// inputs; compilers the base image may carry
-# are removed: the final image installs wheels only.
+# The XRootD client (xrdcp, xrdfs) for root:// inputs and bubblewrap (bwrap), the sandbox a
+# user's model.py runs in (setting model_sandbox); compilers the base image may carry are
+# removed: the final image installs wheels only.
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends xrootd-client \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        xrootd-client bubblewrap \
     && tools="$(dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' \
         build-essential 'gcc*' 'g++*' 'cpp*' clang cmake make 2>/dev/null \
         | awk '$1 == "ii" && $2 !~ /-base$/ {print $2}')" \

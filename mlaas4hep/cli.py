@@ -12,8 +12,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlaas4hep.platform.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from mlaas4hep.platform.config import PipelineSpec
+    from mlaas4hep.platform.storage import Storage
 
 # Read by Ray and TensorFlow when first imported, so set before any command imports them:
 # Ray's token authentication is always on, and Ray Train needs legacy Keras.
@@ -254,14 +259,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = _load_spec_arg(args) if not _is_storage_uri(args.spec) else _spec_from_uri(args.spec)
     owner = args.owner or _default_owner(settings)
     run_id = args.run_id or os.environ.get("MLAAS4HEP_RUN_ID") or new_run_id()
+    storage = Storage(settings.storage)
+    spec = _confined_if_submitted(spec, settings, storage, run_id)
     address = os.environ.get("RAY_ADDRESS") or settings.ray_address or _local_head(settings)
     ray.init(address=address, log_to_driver=True)
     try:
-        record = run_pipeline(spec, run_id, owner, Storage(settings.storage))
+        record = run_pipeline(spec, run_id, owner, storage)
     finally:
         ray.shutdown()
     print(json.dumps(record, indent=2))
     return 0
+
+
+def _confined_if_submitted(
+    spec: PipelineSpec, settings: Settings, storage: Storage, run_id: str
+) -> PipelineSpec:
+    """The spec of a run submitted over HTTP checked again by the data-access policy of
+    this job's settings, with its paths resolved (a trusted local run is returned as it is).
+
+    A refused path fails the run with the policy's message (:class:`DataAccessError`).
+    """
+    from mlaas4hep.platform.data_access import DataAccessError, DataAccessPolicy
+    from mlaas4hep.platform.runs import RunState, RunStore
+
+    runs = RunStore(storage)
+    try:
+        record = runs.get(run_id)
+    except LookupError:
+        return spec  # `mlaas4hep run SPEC` or `ray job submit` by the machine's operator
+    if record.get("source") == "cli":
+        return spec
+    try:
+        policy = DataAccessPolicy.from_settings(settings, storage)
+        return policy.check_spec(spec, record["owner"], run_id)
+    except DataAccessError as error:
+        runs.update(run_id, state=RunState.FAILED, message=str(error))
+        raise
 
 
 def _is_storage_uri(value: str | None) -> bool:

@@ -8,6 +8,8 @@ server's ``{"error": ...}`` message.
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from mlaas4hep.platform.config import PipelineSpec
+from mlaas4hep.platform.config import PipelineSpec, split_names
 from mlaas4hep.platform.settings import Settings
 
 
@@ -85,7 +87,14 @@ class PlatformClient:
         raise ClientError(f"{response.status_code}: {message}", response.status_code)
 
     def submit(self, spec: PipelineSpec | dict[str, Any], model_source: str | None = None) -> dict:
-        """Submit a pipeline; a model file named by the spec is sent along with it."""
+        """Submit a pipeline; a model file named by the spec is sent along with it.
+
+        Local files the spec reads (ROOT files, a ``specs`` or ``preproc`` file) are sent
+        with it, as a multipart submission whose copies belong to the run: the platform
+        reads no path of this machine. Branch-list files are read here. Remote URLs,
+        ``uploads/<path>`` names (your uploaded files) and paths that are no local file are
+        sent as they are, for the platform to check against what you may read.
+        """
         if isinstance(spec, PipelineSpec):
             if spec.model.file and model_source is None:
                 model_source = Path(spec.model.file).read_text()
@@ -96,6 +105,10 @@ class PlatformClient:
             spec_data = dict(spec)
         if model_source is not None:
             spec_data.pop("model", None)
+        spec_data, local = local_inputs(spec_data)
+        if local:
+            text = json.dumps(spec_data).encode()
+            return self._submit_parts(("spec.json", text), model_source, local)
         body = {"spec": spec_data, "model_source": model_source}
         return self._request("POST", "/api/v1/pipelines", json=body).json()
 
@@ -181,11 +194,24 @@ class PlatformClient:
         self, spec: Path, model: Path | None = None, data: Sequence[Path] = ()
     ) -> dict:
         """Submit as a multipart form: the spec file, the model file, data files."""
-        parts: list[tuple[str, tuple[str, Any]]] = [("spec", (spec.name, spec.read_bytes()))]
-        if model is not None:
-            parts.append(("model", (model.name, model.read_bytes())))
+        source = None if model is None else model.read_text()
+        parts = {p.name: p for p in data}
+        return self._submit_parts((spec.name, spec.read_bytes()), source, parts, model)
+
+    def _submit_parts(
+        self,
+        spec: tuple[str, bytes],
+        model_source: str | None,
+        data: dict[str, Path],
+        model: Path | None = None,
+    ) -> dict:
+        """``POST /pipelines/upload`` of the spec ``(file name, text)``, the model source
+        and the local files ``data`` (part name → path), streamed from disk."""
+        parts: list[tuple[str, tuple[str, Any]]] = [("spec", spec)]
+        if model_source is not None:
+            parts.append(("model", (model.name if model else "model.py", model_source.encode())))
         with contextlib.ExitStack() as stack:
-            parts += [("data", (p.name, stack.enter_context(p.open("rb")))) for p in data]
+            parts += [("data", (n, stack.enter_context(p.open("rb")))) for n, p in data.items()]
             return self._request("POST", "/api/v1/pipelines/upload", files=parts).json()
 
     def files(self) -> dict:
@@ -230,6 +256,52 @@ class PlatformClient:
     def server_call(self, method: str, endpoint: str, **kwargs: Any) -> httpx.Response:
         """One call of the MLaaS4HEP server API (``/mlaas4hep/<endpoint>``)."""
         return self._request(method, f"/mlaas4hep/{endpoint}", **kwargs)
+
+
+def _part_name(path: Path, taken: dict[str, Path]) -> str:
+    """A multipart file name for ``path``: its name made upload-safe, unique in ``taken``."""
+    name = re.sub(r"[^A-Za-z0-9_.+=@-]", "_", path.name).lstrip(".-") or "data"
+    unique, number = name, 1
+    while unique in taken and taken[unique] != path:
+        unique, number = f"{number}-{name}", number + 1
+    return unique
+
+
+def _local_file(value: Any) -> Path | None:
+    """``value`` as a path of this machine's file, or None (URLs, ``uploads/`` names)."""
+    if not isinstance(value, str) or "://" in value or value.startswith("uploads/"):
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_file() else None
+
+
+def local_inputs(spec_data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """``spec_data`` with the local files it reads renamed to multipart part names, and
+    those files by part name; branch-list files are read into lists."""
+    data, parts = dict(spec_data), {}
+
+    def rename(value: Any) -> Any:
+        path = _local_file(value)
+        if path is None:
+            return value
+        name = _part_name(path.resolve(), parts)
+        parts[name] = path.resolve()
+        return name
+
+    files = data.get("files")
+    files = [files] if isinstance(files, str) else files
+    if isinstance(files, list):
+        data["files"] = [
+            {**f, "path": rename(f.get("path"))} if isinstance(f, dict) else rename(f)
+            for f in files
+        ]
+    for key in ("specs", "preproc"):
+        if isinstance(data.get(key), str):
+            data[key] = rename(data[key])
+    for key in ("selected_branches", "exclude_branches", "identifier"):
+        if isinstance(data.get(key), str):
+            data[key] = split_names(data[key])
+    return data, parts
 
 
 def save_token(settings: Settings, token: str) -> Path:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install the Debian packages the platform needs (XRootD server and client), when missing.
+# Install the Debian packages the platform needs, when missing: XRootD server and client, and
+# bubblewrap (bwrap), the sandbox every user model.py runs in.
 set -euo pipefail
 
-packages=(xrootd-server xrootd-client)
+packages=(xrootd-server xrootd-client bubblewrap)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -10,7 +11,8 @@ done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "warning: apt-get not found; install ${missing[*]} yourself (XRootD tests will be skipped)" >&2
+    echo "warning: apt-get not found; install ${missing[*]} yourself (XRootD tests will be skipped;" \
+        "without bwrap no pipeline with a model.py runs)" >&2
     exit 0
 fi
 sudo=""

@@ -29,6 +29,10 @@ os.environ["MLAAS4HEP_STORAGE"] = str(_SESSION_DIR / "home" / "storage")
 # The XRootD client before TensorFlow (the other order crashes), as the pipeline does.
 load_xrootd_client()
 
+#: Port of the session's loopback xrootd (xrootd_fixtures.session_xrootd), the one remote
+#: data host on the session platform's allow-list.
+SESSION_XROOTD_PORT = free_port()
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -48,13 +52,19 @@ def platform_home() -> Path:
 
 
 @pytest.fixture(scope="session")
-def platform_settings(platform_home: Path):
+def platform_settings(platform_home: Path, tmp_path_factory: pytest.TempPathFactory):
     """Settings of the session's platform: free loopback ports, storage in the temp home.
 
     Six logical CPUs: the session keeps extra Serve test applications alive while two
-    Train workers and Ray Data tasks must still be placed.
+    Train workers and Ray Data tasks must still be placed. Specs may read ``../shared/data``
+    and the tests' temporary folders (shared data roots) and the session's xrootd; set in
+    the environment, so the head's pipeline jobs check their specs with the same rules.
     """
     from mlaas4hep.platform.settings import load_settings
+
+    roots = f"{SHARED_DATA},{tmp_path_factory.getbasetemp()}"
+    os.environ["MLAAS4HEP_SHARED_DATA_ROOTS"] = roots
+    os.environ["MLAAS4HEP_ALLOWED_DATA_HOSTS"] = f"root://127.0.0.1:{SESSION_XROOTD_PORT}"
 
     return load_settings(
         port=free_port(), ray_port=free_port(), dashboard_port=free_port(), num_cpus=6

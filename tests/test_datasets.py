@@ -166,14 +166,17 @@ def test_labels_file_with_another_count_than_files_is_refused(
     )
 
 
-def test_preproc_that_does_not_parse_is_refused_at_submission(demo_files) -> None:
+def test_preproc_that_does_not_parse_is_refused_at_submission(
+    demo_files, platform_settings
+) -> None:
     from mlaas4hep.serve.errors import ApiError
-    from mlaas4hep.serve.pipeline_api import SubmitRequest, _check_submission
+    from mlaas4hep.serve.pipeline_api import ApiContext, SubmitRequest, _check_submission
 
     files = [{"path": str(demo_files[0]), "label": 1}, {"path": str(demo_files[1]), "label": 0}]
     preproc = {"flat_cut": {"nJet": {"cut": "0 <= nJet <", "remove": "False"}}}
+    request = SubmitRequest(spec={"files": files, "preproc": preproc})
     with pytest.raises(ApiError) as raised:
-        _check_submission(SubmitRequest(spec={"files": files, "preproc": preproc}))
+        _check_submission(ApiContext.from_settings(platform_settings), request, "alice", "r1")
     assert raised.value.status == 422
     assert raised.value.message.startswith("preproc: flat_cut.nJet.cut: cannot parse '0 <= nJet <'")
 

@@ -88,6 +88,7 @@ def test_final_image_installs_no_build_tools_and_removes_the_base_images(dockerf
     runs = final.all("RUN")
     installed = set().union(*(apt_installed(run) for run in runs))
     assert "xrootd-client" in installed
+    assert "bubblewrap" in installed  # the sandbox of every user model.py
     assert not installed & BUILD_TOOLS
     assert any("apt-get purge" in run and "gcc" in run for run in runs)
     pip = [run for run in runs if "pip install" in run]

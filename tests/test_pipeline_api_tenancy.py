@@ -224,7 +224,8 @@ def test_pipeline_asking_for_too_many_workers_or_pipelines_is_refused(api, token
     answer = call(api, tokens, "alice", "POST", "/api/v1/pipelines", json=body)
     assert answer.status_code == 422
     assert answer.json() == {
-        "error": "spec.resources: the pipeline asks for 3 workers; at most 2 per pipeline"
+        "error": "spec.resources.num_workers: the pipeline asks for 3 workers; "
+        "at most 2 per pipeline"
     }
     alice = call(api, tokens, "alice", "GET", "/api/v1/whoami").json()["owner"]
     busy = new_run_id()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mlaas4hep.platform.config import MLPSpec, ModelSpec
-from mlaas4hep.train.models import ModelFileError, build_model, check_model_file
+from mlaas4hep.train.model_file import ModelFileError, check_model_file
+from mlaas4hep.train.models import build_model
 
 KERAS2_MODEL = """\
 from tensorflow import keras

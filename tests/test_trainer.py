@@ -482,15 +482,31 @@ def test_auc_is_not_forced_on_a_two_class_softmax_model(tmp_path):
 
 
 @pytest.mark.ray
-def test_broken_model_file_fails_before_any_worker_starts(ray_cluster, tmp_path):
-    import time
-
-    from mlaas4hep.train.models import ModelFileError
+def test_broken_model_file_fails_in_the_sandbox_before_any_worker_starts(ray_cluster, tmp_path):
+    from mlaas4hep.train.model_file import ModelFileError
 
     path = tmp_path / "broken.py"
     path.write_text("from tensorflow import keras\n\ndef model(idim):\n    return keras.Nope()\n")
     spec = make_spec(2, str(path))
-    started = time.monotonic()
+    storage = tmp_path / "storage"
     with pytest.raises(ModelFileError, match=rf"{path}, line 4: model\(8\) raised AttributeError"):
-        train_model(spec, {"train": make_dataset(events(100))}, N_FEATURES, str(tmp_path), "bad")
-    assert time.monotonic() - started < 10
+        train_model(spec, {"train": make_dataset(events(100))}, N_FEATURES, str(storage), "bad")
+    assert not (storage / "bad").exists()  # Ray Train never started the run
+
+
+@pytest.mark.ray
+def test_model_file_with_a_lambda_layer_fails_before_any_worker_starts(ray_cluster, tmp_path):
+    from mlaas4hep.platform.safe_models import UnsafeModelError
+
+    path = tmp_path / "lambda_model.py"
+    path.write_text(
+        MODEL_FILE.replace(
+            "keras.layers.Dense(1,",
+            "keras.layers.Lambda(lambda x: x),\n        keras.layers.Dense(1,",
+        )
+    )
+    spec = make_spec(1, str(path))
+    storage = tmp_path / "storage"
+    with pytest.raises(UnsafeModelError, match=rf"{path}: .*Lambda"):
+        train_model(spec, {"train": make_dataset(events(100))}, N_FEATURES, str(storage), "lam")
+    assert not (storage / "lam").exists()

@@ -17,12 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SESSION_XROOTD_PORT
 
 from mlaas4hep.platform import xrootd_server
 from mlaas4hep.platform.xrootd_server import XRootDServer
 
-__all__ = ["XCACHE_CONFIG", "XCache", "XRootDServer", "run_xcache", "run_xrootd"]
+__all__ = [
+    "XCACHE_CONFIG",
+    "XCache",
+    "XRootDServer",
+    "run_xcache",
+    "run_xrootd",
+    "session_xrootd",
+]
 
 #: The proxy-cache configuration the Kubernetes ConfigMap is generated from.
 XCACHE_CONFIG = REPO / "k8s" / "base" / "xcache" / "xcache.cfg"
@@ -34,10 +41,17 @@ def _need_xrootd() -> None:
 
 
 @contextmanager
-def run_xrootd() -> Iterator[XRootDServer]:
+def run_xrootd(port: int | None = None) -> Iterator[XRootDServer]:
     """The package's ``run_xrootd``; the test is skipped when xrootd is not installed."""
     _need_xrootd()
-    with xrootd_server.run_xrootd() as server:
+    with xrootd_server.run_xrootd(port) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def session_xrootd() -> Iterator[XRootDServer]:
+    """The session's xrootd, on the port the session platform's ``allowed_data_hosts`` lists."""
+    with run_xrootd(SESSION_XROOTD_PORT) as server:
         yield server
 
 

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -43,15 +45,29 @@ class SpecError(ValueError):
     """A spec that cannot be used; the message names the file, field or branch at fault."""
 
 
-def _split_names(value: Any) -> list[str]:
-    """Accept a list, a comma-separated string, or the path of a file with one name a line."""
+#: Reads a branch-list file named in a spec field: ``(path, field)`` → its names, or None
+#: when there is no such file (the text is then a name). Given to :func:`parse_spec`.
+NameFileReader = Callable[[str, str], "list[str] | None"]
+
+
+def _read_name_file(path: str, field: str) -> list[str] | None:
+    """The names in the local file ``path`` (one a line), or None when it is no file."""
+    if not Path(path).is_file():
+        return None
+    lines = Path(path).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def split_names(value: Any, reader: NameFileReader = _read_name_file, field: str = "") -> list[str]:
+    """Accept a list, a comma-separated string, or the path of a file with one name a line
+    (read by ``reader``)."""
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        path = Path(value)
-        if "," not in value and path.suffix in {".txt", ".list"} and path.is_file():
-            lines = path.read_text().splitlines()
-            return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if "," not in value and Path(value).suffix in {".txt", ".list"}:
+            names = reader(value, field)
+            if names is not None:
+                return names
         return [item.strip() for item in value.split(",") if item.strip()]
     if isinstance(value, list | tuple):
         return [str(item).strip() for item in value if str(item).strip()]
@@ -281,8 +297,9 @@ class PipelineSpec(BaseModel):
 
     @field_validator("identifier", "selected_branches", "exclude_branches", mode="before")
     @classmethod
-    def _names(cls, value: Any) -> list[str]:
-        return _split_names(value)
+    def _names(cls, value: Any, info: ValidationInfo) -> list[str]:
+        reader = (info.context or {}).get("name_files") or _read_name_file
+        return split_names(value, reader, info.field_name or "")
 
     @model_validator(mode="before")
     @classmethod
@@ -378,14 +395,20 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return f"{source}: invalid spec: " + "; ".join(parts)
 
 
-def parse_spec(data: dict[str, Any], source: str = "spec") -> PipelineSpec:
-    """Validate a spec mapping; raise :class:`SpecError` naming each bad field."""
+def parse_spec(
+    data: dict[str, Any], source: str = "spec", name_files: NameFileReader | None = None
+) -> PipelineSpec:
+    """Validate a spec mapping; raise :class:`SpecError` naming each bad field.
+
+    Branch lists given as file paths are read by ``name_files`` (default: local files;
+    the API passes its data-access policy's reader).
+    """
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec must be a mapping of keys to values")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return PipelineSpec.model_validate(data)
+            return PipelineSpec.model_validate(data, context={"name_files": name_files})
     except ValidationError as error:
         raise SpecError(_format_validation_error(error, source)) from None
 
@@ -418,10 +441,16 @@ def _is_url(path: str) -> bool:
 
 
 def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make local relative paths of files and the model file absolute against ``base``."""
+    """Make local relative paths of files and the model file absolute against ``base``.
+
+    ``uploads/<path>`` names with no such local file stay as they are: they name the
+    caller's uploaded files on the platform.
+    """
 
     def fix(path: str) -> str:
         if _is_url(path) or path.startswith("/"):
+            return path
+        if path.startswith("uploads/") and not (base / path).exists():
             return path
         return str((base / path).resolve())
 
@@ -443,12 +472,24 @@ def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in ("specs", "preproc"):
         if isinstance(data.get(key), str):
             data[key] = fix(data[key])
+    for key in ("selected_branches", "exclude_branches", "identifier"):
+        value = data.get(key)
+        if isinstance(value, str) and _names_a_file_below(value, base):
+            data[key] = str(base / value)
     model = data.get("model")
     if isinstance(model, str):
         data["model"] = fix(model)
     elif isinstance(model, dict) and isinstance(model.get("file"), str):
         data["model"] = {**model, "file": fix(model["file"])}
     return data
+
+
+def _names_a_file_below(value: str, base: Path) -> bool:
+    """True when ``value`` is a relative branch-list file name of a file below ``base``."""
+    parts = value.split("/")
+    if value.startswith("/") or ".." in parts or "," in value:
+        return False
+    return Path(value).suffix in {".txt", ".list"} and (base / value).is_file()
 
 
 def read_json_object(path: Path, what: str, error: type[Exception] = SpecError) -> dict[str, Any]:
@@ -476,13 +517,14 @@ def spec_from_mlaas4hep_inputs(
     params: str | Path,
     model: str | Path | None = None,
     preproc: str | Path | None = None,
+    name_files: NameFileReader | None = None,
 ) -> PipelineSpec:
     """Build a spec from MLaaS4HEP's original inputs, used as they are.
 
     ``files.txt`` lists one ROOT file a line, ``labels.txt`` one label a line (the same
     count), ``params.json`` holds MLaaS4HEP's parameters and ``model.py`` defines
     ``model(idim)``. A missing ``labels`` means the label comes from ``label_branch``
-    in params.json.
+    in params.json. ``name_files`` reads branch-list files (see :func:`parse_spec`).
     """
     files_path, params_path = Path(files), Path(params)
     file_list = _read_lines(files_path, "files")
@@ -508,4 +550,4 @@ def spec_from_mlaas4hep_inputs(
         data["model"] = str(Path(model).resolve())
     if preproc is not None:
         data["preproc"] = str(Path(preproc).resolve())
-    return parse_spec(data, str(params_path))
+    return parse_spec(data, str(params_path), name_files)

@@ -3,7 +3,8 @@
 Each pipeline is one Ray Job whose submission id is the run id and whose metadata
 names the owner and the run, so ``ray job list`` and the dashboard show who runs what.
 The entrypoint is built from fixed words plus the run id (made by the platform), never
-from user input.
+from user input. On Kubernetes :mod:`mlaas4hep.platform.rayjob` runs one KubeRay RayJob
+per pipeline instead; its :func:`~mlaas4hep.platform.rayjob.pipeline_jobs` picks the backend.
 """
 
 from __future__ import annotations

@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from mlaas4hep.platform.config import PipelineSpec
+from mlaas4hep.platform.quota import check_run_outputs
+from mlaas4hep.platform.rayjob import STAGED_BUNDLE, STAGED_STAGE
+from mlaas4hep.platform.redact import RedactingFilter, Redactor
 from mlaas4hep.platform.registry import ModelRegistry
 from mlaas4hep.platform.runs import RunState, RunStore, now_iso
+from mlaas4hep.platform.settings import load_settings
 from mlaas4hep.platform.storage import Storage
 
 logger = logging.getLogger("mlaas4hep.pipeline")
@@ -39,13 +43,16 @@ class RunLogHandler(logging.Handler):
             self.handleError(record)
 
 
-def _attach_log(storage: Storage, run_id: str) -> RunLogHandler:
+def _attach_log(storage: Storage, run_id: str, redactor: Redactor) -> RunLogHandler:
+    """Send the pipeline's log records to the run's log (and stderr), secrets redacted."""
     handler = RunLogHandler(storage, run_id)
+    handler.addFilter(RedactingFilter(redactor))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     if not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
         stream = logging.StreamHandler()
         stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        stream.addFilter(RedactingFilter(redactor))
         logger.addHandler(stream)
     return handler
 
@@ -54,7 +61,8 @@ def run_pipeline(spec: PipelineSpec, run_id: str, owner: str, storage: Storage) 
     """Run one pipeline to the end and return its final run record.
 
     Creates the run record when it does not exist yet (a pipeline started with
-    ``ray job submit -- mlaas4hep run SPEC`` rather than through the API).
+    ``ray job submit -- mlaas4hep run SPEC`` rather than through the API). The Ray token
+    and the issuer's private key are redacted from its log and status message.
     """
     runs = RunStore(storage)
     try:
@@ -62,14 +70,15 @@ def run_pipeline(spec: PipelineSpec, run_id: str, owner: str, storage: Storage) 
     except LookupError:
         runs.create(run_id, owner=owner, name=spec.name, source="cli")
         storage.write_text(spec.to_json(), "runs", run_id, "spec.json")
-    handler = _attach_log(storage, run_id)
+    redactor = Redactor.from_environment()
+    handler = _attach_log(storage, run_id, redactor)
     try:
         return _run_stages(spec, run_id, owner, storage, runs)
     except BaseException as error:
         if runs.get(run_id)["state"] == RunState.CANCELLED:
             logger.info("pipeline cancelled")  # the job was stopped: keep CANCELLED
             raise
-        message = f"{type(error).__name__}: {error}"
+        message = redactor.redact(f"{type(error).__name__}: {error}")
         logger.error("pipeline failed: %s\n%s", message, traceback.format_exc())
         runs.update(run_id, state=RunState.FAILED, message=message, finished=now_iso())
         raise
@@ -169,13 +178,24 @@ def _run_stages(
             spec_json=spec.to_json(),
             onnx=spec.bundle.onnx,
         )
-        version = ModelRegistry(storage).register(spec.name, bundle, owner=owner)
+        if load_settings().job_backend == "rayjob":
+            # A RayJob's pods cannot write models/: the API registers the staged bundle.
+            storage.upload_dir(bundle, "runs", run_id, STAGED_BUNDLE)
+            version = None
+        else:
+            check_run_outputs(storage, run_id, owner, bundle)  # the model fits the quota
+            version = ModelRegistry(storage).register(spec.name, bundle, owner=owner)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         remove_model_dir(result)
     summary_metrics = {
         f"test_{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)
     }
+    if version is None:
+        logger.info(
+            "bundle of %s staged for registration; test metrics %s", spec.name, summary_metrics
+        )
+        return runs.update(run_id, stage=STAGED_STAGE, metrics=summary_metrics)
     logger.info(
         "registered %s version %d; test metrics %s", spec.name, version.version, summary_metrics
     )

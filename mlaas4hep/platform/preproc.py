@@ -30,6 +30,7 @@ calls other than the listed numpy functions.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -75,44 +76,134 @@ _COMPARE = {
 }
 
 
+#: Bounds of one expression: its text, its syntax tree, and the constants it may compute.
+MAX_EXPRESSION_CHARS = 1000
+MAX_EXPRESSION_NODES = 200
+MAX_EXPRESSION_DEPTH = 64
+MAX_CONSTANT = 2.0**63  # |value| of any constant, written or computed (fits int64)
+MAX_POWER_EXPONENT = 64
+#: Expressions (new branches and cuts) in one preprocessing mapping.
+MAX_PREPROC_EXPRESSIONS = 500
+
+
 class Expression:
-    """A parsed expression over branches; ``names`` are the branches it reads."""
+    """A parsed expression over branches; ``names`` are the branches it reads.
+
+    Bounded at parse time: at most :data:`MAX_EXPRESSION_CHARS` characters,
+    :data:`MAX_EXPRESSION_NODES` syntax nodes nested at most :data:`MAX_EXPRESSION_DEPTH`
+    deep, numbers only (no strings), and every constant sub-expression folded into one
+    number of magnitude below :data:`MAX_CONSTANT` (powers of exponents up to
+    :data:`MAX_POWER_EXPONENT`), so that evaluation only ever combines bounded numbers
+    with arrays.
+    """
 
     def __init__(self, text: str, where: str) -> None:
         self.text = text
         self.where = where
+        if not isinstance(text, str):
+            raise DataError(f"{where}: an expression must be a string, not {type(text).__name__}")
+        if len(text) > MAX_EXPRESSION_CHARS:
+            raise DataError(
+                f"{where}: {text[:60]!r}... is {len(text)} characters long; "
+                f"an expression has at most {MAX_EXPRESSION_CHARS}"
+            )
         try:
             self.tree = ast.parse(text.strip(), mode="eval").body
         except SyntaxError as error:
             raise DataError(f"{where}: cannot parse {text!r}: {error.msg}") from None
+        except (RecursionError, MemoryError, ValueError):
+            raise DataError(f"{where}: cannot parse {text!r}: nested too deeply") from None
         self.names: list[str] = []
-        self._check(self.tree)
+        self._nodes = 0
+        self._check(self.tree, 1)
+        self.tree = self._fold(self.tree)
 
-    def _check(self, node: ast.AST) -> None:
+    def _refuse(self, reason: str) -> DataError:
+        shown = self.text if len(self.text) <= 120 else self.text[:100] + "..."
+        return DataError(f"{self.where}: {shown!r} {reason}")
+
+    def _check(self, node: ast.AST, depth: int) -> None:
+        self._nodes += 1
+        if self._nodes > MAX_EXPRESSION_NODES:
+            raise self._refuse(f"has more than {MAX_EXPRESSION_NODES} terms, not allowed")
+        if depth > MAX_EXPRESSION_DEPTH:
+            raise self._refuse(f"nests deeper than {MAX_EXPRESSION_DEPTH} levels, not allowed")
         if isinstance(node, ast.Name):
             if node.id not in FUNCTIONS and node.id not in self.names:
                 self.names.append(node.id)
             return
+        if isinstance(node, ast.Constant):
+            _check_number(node.value, self._refuse)
+            return
         if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
                 called = ast.unparse(node.func)
-                raise DataError(f"{self.where}: {self.text!r} calls {called!r}, not allowed")
+                raise self._refuse(f"calls {called!r}, not allowed")
+            if node.keywords:
+                raise self._refuse(f"passes keyword arguments to {node.func.id!r}, not allowed")
             for arg in node.args:
-                self._check(arg)
+                self._check(arg, depth + 1)
             return
-        allowed = (ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp, ast.Constant)
+        if isinstance(node, ast.BinOp) and type(node.op) not in _BINARY:
+            raise self._refuse(f"uses the operator {type(node.op).__name__}, not allowed")
+        allowed = (ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp)
         if not isinstance(node, allowed):
-            raise DataError(f"{self.where}: {self.text!r} uses {type(node).__name__}, not allowed")
+            raise self._refuse(f"uses {type(node).__name__}, not allowed")
         for child in ast.iter_child_nodes(node):
             if not isinstance(child, ast.operator | ast.unaryop | ast.cmpop | ast.boolop):
-                self._check(child)
+                self._check(child, depth + 1)
+
+    def _fold(self, node: ast.AST) -> ast.AST:
+        """``node`` with its constant arithmetic computed, each step within the bounds."""
+        if isinstance(node, ast.UnaryOp):
+            node.operand = self._fold(node.operand)
+            if isinstance(node.operand, ast.Constant) and type(node.op) in _UNARY:
+                return ast.Constant(self._constant(_UNARY[type(node.op)], node.operand.value))
+        elif isinstance(node, ast.BinOp):
+            node.left, node.right = self._fold(node.left), self._fold(node.right)
+            if isinstance(node.left, ast.Constant) and isinstance(node.right, ast.Constant):
+                return ast.Constant(self._binary_constant(node))
+        elif isinstance(node, ast.Compare | ast.BoolOp | ast.Call):
+            for name, value in ast.iter_fields(node):
+                if isinstance(value, list):
+                    setattr(node, name, [self._fold(v) for v in value])
+                elif isinstance(value, ast.expr):
+                    setattr(node, name, self._fold(value))
+        exponent = (
+            node.right if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) else None
+        )
+        if isinstance(exponent, ast.Constant) and abs(exponent.value) > MAX_POWER_EXPONENT:
+            raise self._refuse(f"raises to the power {exponent.value}, above the bound")
+        return node
+
+    def _binary_constant(self, node: ast.BinOp) -> int | float:
+        left, right = node.left.value, node.right.value
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > MAX_POWER_EXPONENT:
+                raise self._refuse(f"raises to the power {right}, above the bound")
+            if abs(left) > 1 and abs(right) * math.log2(abs(left)) > 63:
+                raise self._refuse(f"computes {left!r}**{right!r}, above the bound")
+        return self._constant(_BINARY[type(node.op)], left, right)
+
+    def _constant(self, op: Callable[..., Any], *values: int | float) -> int | float:
+        """``op(*values)`` of bounded numbers, refused unless the result is bounded too."""
+        try:
+            value = op(*values)
+        except (ArithmeticError, ValueError, TypeError) as error:
+            raise self._refuse(f"cannot be computed: {error}") from None
+        return _check_number(value, self._refuse)
 
     def evaluate(self, arrays: Mapping[str, Any]) -> Any:
         """Evaluate over ``arrays`` (branch name → awkward or numpy array)."""
         missing = [n for n in self.names if n not in arrays]
         if missing:
             raise DataError(f"{self.where}: {self.text!r} uses unknown branch {missing[0]!r}")
-        return self._eval(self.tree, arrays)
+        try:
+            return self._eval(self.tree, arrays)
+        except DataError:
+            raise
+        except (ArithmeticError, ValueError, TypeError) as error:
+            raise self._refuse(f"cannot be evaluated: {error}") from None
 
     def _eval(self, node: ast.AST, arrays: Mapping[str, Any]) -> Any:
         if isinstance(node, ast.Constant):
@@ -145,6 +236,19 @@ class Expression:
             result = term if result is None else result & term
             left = right
         return result
+
+
+def _check_number(value: Any, refuse: Callable[[str], DataError]) -> int | float:
+    """``value`` when it is a number within :data:`MAX_CONSTANT`; ``refuse(reason)`` else."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, int | float):
+        raise refuse(f"holds the constant {str(value)[:40]!r}; only numbers are allowed")
+    if isinstance(value, int) and value.bit_length() > 63:
+        raise refuse(f"holds a constant of about 2**{value.bit_length()}, above the bound 2**63")
+    if abs(value) >= MAX_CONSTANT:
+        raise refuse(f"holds a constant of magnitude {value:.3g}, above the bound 2**63")
+    return value
 
 
 @dataclass(frozen=True)
@@ -254,6 +358,11 @@ def parse_preproc(data: Mapping[str, Any], source: str = "preproc") -> Preproc:
             result.cuts.extend(_cuts_of(entry, f"{source}: {section}.{name}", kind))
             if _truthy(entry.get("remove", False)):
                 result.removed.add(name)
+    count = len(result.new_branches) + len(result.cuts)
+    if count > MAX_PREPROC_EXPRESSIONS:
+        raise DataError(
+            f"{source}: {count} expressions; a preprocessing has at most {MAX_PREPROC_EXPRESSIONS}"
+        )
     return result
 
 

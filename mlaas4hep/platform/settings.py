@@ -42,6 +42,17 @@ class Settings(BaseModel):
         default_factory=lambda: str(default_home() / "storage"),
         description="Root URI of runs, models and uploads: a folder, file://, s3://...",
     )
+    shared_data_roots: list[str] = Field(
+        default_factory=list,
+        description="Local folders and storage prefixes (s3://bucket/prefix) that every "
+        "tenant's specs may read, read-only (e.g. a CMS Open Data mount); comma separated",
+    )
+    allowed_data_hosts: list[str] = Field(
+        default_factory=list,
+        description="Remote data servers specs may read from, as scheme://host[:port] "
+        "(e.g. root://xcache:1094; no port means the scheme's default); empty allows none "
+        "but the MLAAS4HEP_REDIRECTOR host; comma separated",
+    )
     host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on")
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API")
     dashboard_port: int = Field(default=8265, ge=1, le=65535)
@@ -63,6 +74,60 @@ class Settings(BaseModel):
     public_url: str | None = Field(
         default=None, description="URL clients use to reach the API (default from host/port)"
     )
+    job_backend: Literal["ray-jobs", "rayjob"] = Field(
+        default="ray-jobs",
+        description="How pipelines run: 'ray-jobs' (Ray Jobs on the platform's own cluster, "
+        "the laptop default) or 'rayjob' (one KubeRay RayJob per pipeline, in pods that hold "
+        "no platform secret; see docs/security.md)",
+    )
+    kubernetes_api_url: str = Field(
+        default="https://kubernetes.default.svc",
+        description="Kubernetes API server the 'rayjob' backend creates RayJobs on",
+    )
+    kubernetes_namespace: str | None = Field(
+        default=None,
+        description="Namespace of the RayJobs (default: the service account's own namespace)",
+    )
+    rayjob_image: str | None = Field(
+        default=None, description="Container image of the pipeline RayJobs' pods (required)"
+    )
+    rayjob_gpu_image: str | None = Field(
+        default=None, description="Image of the GPU worker pods of a RayJob (default: rayjob_image)"
+    )
+    rayjob_service_account: str = Field(
+        default="mlaas4hep-pipeline",
+        description="Service account of the pipeline pods: no token mounted, no secrets",
+    )
+    rayjob_storage_claim: str = Field(
+        default="mlaas4hep-storage",
+        description="PersistentVolumeClaim holding the storage folder; a RayJob mounts only its "
+        "run's folder of it read-write and its owner's uploads read-only",
+    )
+    rayjob_storage_mount: str = Field(
+        default="/data", description="Where that claim is mounted in the platform's pods"
+    )
+    rayjob_ttl_seconds: int = Field(
+        default=86400,
+        ge=60,
+        description="Seconds a finished RayJob is kept (its cluster is deleted at once)",
+    )
+    rayjob_head_cpus: int = Field(
+        default=2, ge=1, le=64, description="CPUs of a RayJob's head pod (driver, read tasks)"
+    )
+    rayjob_memory_per_cpu_gib: float = Field(
+        default=4.0, gt=0, le=64, description="Memory (GiB) a RayJob pod gets per CPU"
+    )
+    rayjob_seccomp_profile: str = Field(
+        default="RuntimeDefault",
+        description="Seccomp profile of the pipeline pods: 'RuntimeDefault' or 'localhost/<file>'"
+        " (a node profile that allows the user namespaces bubblewrap needs)",
+    )
+    rayjob_pod_user_namespace: bool = Field(
+        default=False,
+        description="Run the pipeline pods in a user namespace of their own (hostUsers: false) "
+        "with an unmasked /proc, which bubblewrap needs to mount /proc inside a container "
+        "(Kubernetes with user namespace support on the nodes)",
+    )
     oidc_issuer: list[str] = Field(
         default_factory=list, description="Trusted token issuers; empty uses the built-in one"
     )
@@ -75,8 +140,17 @@ class Settings(BaseModel):
     max_upload_bytes: int = Field(
         default=2 * 1024**3, ge=1, description="Largest single uploaded file or archive"
     )
+    max_request_bytes: int = Field(
+        default=8 * 1024**2,
+        ge=1,
+        description="Largest request body of every route but uploads (JSON API calls, "
+        "/json, /events, /proto, /image, KServe infer), enforced while the body streams",
+    )
     user_quota_bytes: int = Field(
-        default=20 * 1024**3, ge=1, description="Storage one user's uploads may take in total"
+        default=20 * 1024**3,
+        ge=1,
+        description="Storage one user's work may take in total: uploads, pipeline runs "
+        "(multipart inputs, artifacts, checkpoints), owned model versions, predictions",
     )
     max_active_pipelines: int = Field(
         default=4, ge=1, description="Pending or running pipelines one user may have"
@@ -90,8 +164,47 @@ class Settings(BaseModel):
     max_gpus_per_pipeline: float = Field(
         default=1.0, ge=0, description="GPUs one pipeline may ask for (workers x gpus)"
     )
+    max_custom_resources_per_pipeline: float = Field(
+        default=8.0,
+        ge=0,
+        description="Units of each custom Ray resource one pipeline may ask for: workers x "
+        "resources_per_worker, and each read task's read_resources",
+    )
+    model_sandbox: Literal["bwrap", "none"] = Field(
+        default="bwrap",
+        description="Where a pipeline's model.py runs: 'bwrap' (a bubblewrap sandbox: no "
+        "network, read-only system, no platform home, Ray token, storage or host /tmp; "
+        "Debian package bubblewrap) or 'none' (a plain child process with a clean "
+        "environment but the platform's file and network rights: only for deployments where "
+        "the pod running user code holds no secret and reaches no other tenant's data)",
+    )
+    sandbox_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds model(idim) may take in the sandbox, TensorFlow's import included",
+    )
+    sandbox_max_output_bytes: int = Field(
+        default=512 * 1024**2,
+        ge=1,
+        description="Largest model archive (config + weights) the model sandbox may hand back",
+    )
+    allowed_model_layers: list[str] = Field(
+        default_factory=list,
+        description="Layer class names (comma separated) a user's model file may use beyond "
+        "the built-in Keras ones; each must be installed and registered with Keras on the "
+        "platform. 'Lambda' turns safe mode off for every model load: it runs code stored "
+        "in users' files (see docs/security.md)",
+    )
 
-    @field_validator("oidc_issuer", "allowed_groups", "admin_groups", mode="before")
+    @field_validator(
+        "oidc_issuer",
+        "allowed_groups",
+        "admin_groups",
+        "shared_data_roots",
+        "allowed_data_hosts",
+        "allowed_model_layers",
+        mode="before",
+    )
     @classmethod
     def _lists(cls, value: Any) -> list[str]:
         return _csv(value)

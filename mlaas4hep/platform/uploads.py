@@ -2,18 +2,23 @@
 
 :class:`UserFiles` writes a stream to a hidden temporary file first and renames it into
 place only when the whole stream fitted the per-file limit and the user's quota, so a
-refused or broken upload leaves nothing behind.
+refused or broken upload leaves nothing behind. Room in the quota is taken atomically
+while the bytes arrive (:mod:`mlaas4hep.platform.quota`), so concurrent uploads cannot
+pass it together.
 """
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
 import re
 import uuid
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from mlaas4hep.platform.quota import Quota, QuotaExceeded, Reservation, local_size, tree_size
 from mlaas4hep.platform.storage import Storage
 
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,127}$")
@@ -49,22 +54,24 @@ def check_upload_path(path: str) -> str:
 @dataclass
 class UserFiles:
     """Files below the storage folder ``root`` (``("uploads", owner)`` for a user's
-    uploads); ``max_file_bytes`` per file, ``quota_bytes`` in total."""
+    uploads, ``("runs", id, "inputs")`` for a submission's data), at most
+    ``max_file_bytes`` per file, counted in the owner's ``quota``."""
 
     storage: Storage
     root: tuple[str, ...]
     max_file_bytes: int
-    quota_bytes: int
+    quota: Quota
+
+    @property
+    def quota_bytes(self) -> int:
+        return self.quota.limit
 
     def _parts(self, path: str = "") -> tuple[str, ...]:
         return (*self.root, *([check_upload_path(path)] if path else []))
 
     def usage(self) -> int:
-        """Bytes the owner's uploads take now."""
-        base = self.storage.path(*self._parts())
-        if not self.storage.fs.exists(base):
-            return 0
-        return int(self.storage.fs.du(base, total=True))
+        """Bytes the owner's quota counts now (uploads, runs, models, predictions)."""
+        return self.quota.usage()
 
     def list(self) -> list[dict[str, Any]]:
         """Every file as ``{"path", "size"}``, sorted by path (hidden ones left out)."""
@@ -94,12 +101,15 @@ class UserFiles:
             raise UploadError(404, f"file {path!r} not found")
         self.storage.delete(*self._parts(path))
 
+    def stored(self, path: str) -> int:
+        """Bytes the file or folder at ``path`` takes now (0 when there is none)."""
+        return tree_size(self.storage, *self._parts(path))
+
     def room(self, replacing: str | None = None) -> tuple[int, int]:
         """``(bytes used, bytes one more file may take)``: the per-file limit or what is
-        left of the quota (the file at ``replacing`` does not count, it is overwritten)."""
-        used = self.usage()
-        if replacing and self.exists(replacing) and not self.storage.isdir(*self._parts(replacing)):
-            used -= self.storage.size(*self._parts(replacing))
+        left of the quota (the file or folder at ``replacing`` does not count, it is
+        overwritten). An estimate for early refusals: writes take room atomically."""
+        used = self.usage() - (self.stored(replacing) if replacing else 0)
         return used, max(0, min(self.max_file_bytes, self.quota_bytes - used))
 
     def check_declared(self, size: int | None, path: str) -> None:
@@ -121,33 +131,97 @@ class UserFiles:
             f"({used} bytes used); delete files first"
         )
 
-    async def save(self, path: str, chunks: AsyncIterable[bytes] | Iterable[bytes]) -> int:
-        """Write ``chunks`` to ``path`` whole or not at all; return the size written."""
+    async def save(
+        self,
+        path: str,
+        chunks: AsyncIterable[bytes] | Iterable[bytes],
+        size: int | None = None,
+        reservation: Reservation | None = None,
+    ) -> int:
+        """Write ``chunks`` to ``path`` whole or not at all; return the size written.
+
+        Room is taken in the owner's quota as the bytes arrive (``size``, when announced,
+        at once); the room is held by ``reservation`` when given (the caller releases
+        it once the file is counted), else by one released when the file is in place.
+        """
         clean = check_upload_path(path)
-        used, room = self.room(clean)
         fs = self.storage.fs
         base = self.storage.path(*self._parts())
         target = self.storage.path(*self._parts(clean))
+        held = reservation or self.quota.reservation(credit=self.stored(clean))
+        total = None if size is None else held.used + size
         fs.makedirs(base, exist_ok=True)
         tmp = f"{base}/.upload-{uuid.uuid4().hex}"
         written = 0
         try:
             with fs.open(tmp, "wb") as out:
                 async for chunk in _aiter(chunks):
+                    if written + len(chunk) > self.max_file_bytes:
+                        raise UploadError(413, self._limit_message(clean))
+                    await self._take(held, clean, len(chunk), total)
                     written += len(chunk)
-                    if written > room:
-                        if written > self.max_file_bytes:
-                            raise UploadError(413, self._limit_message(clean))
-                        raise UploadError(413, self._quota_message(clean, used))
                     out.write(chunk)
             fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            fs.mv(tmp, target)
+            if reservation is None:  # in place and uncounted in one step
+                await asyncio.to_thread(held.commit, lambda: fs.mv(tmp, target))
+            else:
+                fs.mv(tmp, target)
+        except BaseException:
+            held.give_back(written)
+            raise
         finally:
             if fs.exists(tmp):
                 fs.rm(tmp)
+            if reservation is None:
+                await asyncio.to_thread(held.release)
             if not fs.ls(base, detail=False):
                 fs.rmdir(base)
         return written
+
+    async def _take(self, held: Reservation, path: str, nbytes: int, total: int | None) -> None:
+        """Room for ``nbytes`` more of ``path`` (the ledger asked in a thread, when the
+        grant must grow); :class:`UploadError` 413 when the quota has no more."""
+        try:
+            if held.covers(nbytes):
+                held.take(nbytes)
+            else:
+                await asyncio.to_thread(held.take, nbytes, total)
+        except QuotaExceeded as error:
+            raise UploadError(413, self._quota_message(path, error.used)) from None
+
+    def put_folder(self, folder: Path, name: str) -> int:
+        """Store the local ``folder`` as ``name`` (replacing it), whole or not at all,
+        within the quota; return its size."""
+        clean = check_upload_path(name)
+        size = local_size(folder)
+        if size > self.max_file_bytes:
+            raise UploadError(413, self._limit_message(clean))
+        try:
+            with self.quota.holding(size, credit=self.stored(clean)) as held:
+                self._replace(folder, clean, held)
+        except QuotaExceeded as error:
+            raise UploadError(413, self._quota_message(clean, error.used)) from None
+        return size
+
+    def _replace(self, folder: Path, path: str, held: Reservation) -> None:
+        """Copy ``folder`` beside ``path`` under a hidden name, then swap it in, freeing
+        the room ``held`` for it in the same step."""
+        staged = f".staging-{path.replace('/', '_')}"
+        self.storage.delete(*self.root, staged)
+
+        def swap() -> None:
+            self.storage.delete(*self._parts(path))
+            self.storage.fs.mv(
+                self.storage.path(*self.root, staged),
+                self.storage.path(*self._parts(path)),
+                recursive=True,
+            )
+
+        try:
+            self.storage.upload_dir(folder, *self.root, staged)
+            held.commit(swap)
+        finally:
+            self.storage.delete(*self.root, staged)
 
 
 async def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]):

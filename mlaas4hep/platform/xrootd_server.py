@@ -63,15 +63,17 @@ def server_folder(prefix: str) -> Path:
 
 
 @contextmanager
-def serve(config: str | Path, base: Path, env: dict[str, str] | None = None) -> Iterator[int]:
-    """Run ``xrootd -c config`` on a free loopback port (yielded), logging into ``base``.
+def serve(
+    config: str | Path, base: Path, env: dict[str, str] | None = None, port: int | None = None
+) -> Iterator[int]:
+    """Run ``xrootd -c config`` on ``port`` (default: a free one), yielded, logging into ``base``.
 
     ``env`` is added to the server's environment (``set x = $VAR`` in configs). The
     server is stopped and ``base`` removed on exit.
     """
     if XROOTD is None:
         raise XRootDNotInstalled("xrootd is not installed (Debian package xrootd-server)")
-    port = free_port()
+    port = port or free_port()
     command = [XROOTD, "-p", str(port), "-c", str(config), "-l", str(base / "xrootd.log")]
     if os.geteuid() == 0:
         command[1:1] = ["-R", "xrootd"]  # xrootd refuses to run as root
@@ -96,8 +98,9 @@ def serve(config: str | Path, base: Path, env: dict[str, str] | None = None) -> 
 
 
 @contextmanager
-def run_xrootd() -> Iterator[XRootDServer]:
-    """Start ``xrootd`` serving a new temporary folder; stop it and remove its files after.
+def run_xrootd(port: int | None = None) -> Iterator[XRootDServer]:
+    """Start ``xrootd`` serving a new temporary folder on ``port`` (default: a free one);
+    stop it and remove its files after.
 
     Raises :class:`XRootDNotInstalled` when there is no ``xrootd`` executable.
     """
@@ -110,5 +113,5 @@ def run_xrootd() -> Iterator[XRootDServer]:
         f"all.export /\noss.localroot {folder}\nall.adminpath {base}/admin\n"
         "xrd.allow host localhost\n"
     )
-    with serve(config, base) as port:
-        yield XRootDServer(f"root://127.0.0.1:{port}/", folder)
+    with serve(config, base, port=port) as bound:
+        yield XRootDServer(f"root://127.0.0.1:{bound}/", folder)

@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from mlaas4hep.platform.auth import Principal
+from mlaas4hep.platform.quota import Quota, Reservation
 from mlaas4hep.platform.registry import ModelRecord, RegistryError
 from mlaas4hep.platform.storage import Storage
 from mlaas4hep.platform.uploads import UploadError, UserFiles
@@ -63,13 +64,21 @@ class VisibilityRequest(BaseModel):
     )
 
 
-def user_files(ctx: "ApiContext", principal: Principal) -> UserFiles:
-    """The caller's files with the configured size limit and quota."""
+def user_quota(ctx: "ApiContext", owner: str) -> Quota:
+    """The storage quota of ``owner`` (``user_quota_bytes``)."""
+    return Quota(ctx.storage, owner, ctx.settings.user_quota_bytes)
+
+
+def user_files(
+    ctx: "ApiContext", principal: Principal, root: tuple[str, ...] | None = None
+) -> UserFiles:
+    """The caller's files (below ``uploads/<owner>/``, or ``root``) with the configured
+    size limit, counted in the caller's quota."""
     return UserFiles(
         ctx.storage,
-        ("uploads", principal.owner),
+        root or ("uploads", principal.owner),
         max_file_bytes=ctx.settings.max_upload_bytes,
-        quota_bytes=ctx.settings.user_quota_bytes,
+        quota=user_quota(ctx, principal.owner),
     )
 
 
@@ -87,11 +96,14 @@ async def _upload_chunks(upload: UploadFile):
         yield chunk
 
 
-async def save_upload(files: UserFiles, path: str, upload: UploadFile) -> int:
-    """Store one multipart file part at ``path``; ApiError 400/413 when refused."""
+async def save_upload(
+    files: UserFiles, path: str, upload: UploadFile, reservation: Reservation | None = None
+) -> int:
+    """Store one multipart file part at ``path`` (its room held by ``reservation`` when
+    given); ApiError 400/413 when refused."""
     try:
-        files.check_declared(upload.size, path)
-        return await files.save(path, _upload_chunks(upload))
+        await asyncio.to_thread(files.check_declared, upload.size, path)
+        return await files.save(path, _upload_chunks(upload), upload.size, reservation)
     except UploadError as error:
         raise upload_error(error) from None
 
@@ -140,8 +152,9 @@ def install_file_routes(app: FastAPI, ctx: "ApiContext", user: Any) -> None:
         """Upload one file as the raw request body, streamed to storage."""
         files = user_files(ctx, principal)
         try:
-            files.check_declared(declared_size(request), path)
-            size = await files.save(path, request.stream())
+            size = declared_size(request)
+            await asyncio.to_thread(files.check_declared, size, path)
+            size = await files.save(path, request.stream(), size)
         except UploadError as error:
             raise upload_error(error) from None
         return {"path": path.strip("/"), "size": size}

@@ -103,6 +103,7 @@ def serve_config(settings: Settings, kubernetes: bool = False) -> dict[str, Any]
             "allowed_groups",
             "admin_groups",
             "max_upload_bytes",
+            "max_request_bytes",
             "user_quota_bytes",
             "max_active_pipelines",
             "max_workers_per_pipeline",

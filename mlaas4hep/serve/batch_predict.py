@@ -26,7 +26,7 @@ from mlaas4hep.platform.config import PipelineSpec
 from mlaas4hep.platform.rootio import FILE_INDEX_COLUMN
 from mlaas4hep.platform.specs import FeatureSpecs
 from mlaas4hep.platform.storage import Storage
-from mlaas4hep.serve.bundle import BundleError, check_bundle_dir, read_tree
+from mlaas4hep.serve.bundle import BundleError, check_bundle_dir, check_bundle_model, read_tree
 
 FILE_COLUMN = "file"
 
@@ -65,12 +65,14 @@ class PredictionResult:
 def find_bundle(model: str, storage: Storage | None = None) -> BundleSource:
     """The bundle of ``model``: a bundle folder, or a registered ``name`` / ``name/versions/N``.
 
-    Raises :class:`BundleError` for a folder that is not a bundle and the registry's
+    Raises :class:`BundleError` for a folder that is not a bundle or whose model file is
+    unsafe (checked here, before any scoring actor loads it) and the registry's
     ``ModelNotFound`` for an unknown model or version.
     """
     folder = Path(model)
     if folder.is_dir():
         params = check_bundle_dir(folder)
+        check_bundle_model(folder, params)
         return BundleSource(read_tree(folder), params["name"], 0)
     from mlaas4hep.platform.registry import ModelRegistry
     from mlaas4hep.serve.tfaas import TFaaSService
@@ -81,6 +83,7 @@ def find_bundle(model: str, storage: Storage | None = None) -> BundleSource:
     registry = ModelRegistry(storage)
     entry = registry.get(name, version)
     with storage.local_copy("models", name, str(entry.version)) as path:
+        check_bundle_model(Path(path), check_bundle_dir(Path(path), name, match=False))
         return BundleSource(read_tree(Path(path)), name, entry.version)
 
 

@@ -10,7 +10,10 @@ A bundle is a folder (``models/<name>/<version>/`` in the registry)::
     metadata.json   owner, run id, metrics, feature_names, ... (optional)
 
 Everything here except :func:`load_bundle` works without TensorFlow, so the HTTP
-ingress can check uploads without importing it.
+ingress can check uploads without importing it. Model files are user data: every load
+(an upload's check in the model replica, a registry bundle, batch predictions) first
+checks the file with :mod:`mlaas4hep.platform.safe_models` and then loads it in safe mode,
+so ``Lambda`` and unknown layers, foreign modules and file ops are refused, never run.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import posixpath
 import tarfile
 from collections.abc import Callable
@@ -29,6 +31,12 @@ from typing import Any
 import numpy as np
 
 from mlaas4hep.platform.registry import RegistryError, check_model_name
+from mlaas4hep.platform.safe_models import (
+    UnsafeModelError,
+    check_model_file,
+    import_tf_keras,
+    load_keras_model,
+)
 
 #: TFaaS params keys as TFaaS served them, with the other spelling TFaaS has used.
 PARAM_ALIASES = {"inputNode": "input_node", "outputNode": "output_node"}
@@ -147,6 +155,16 @@ def check_bundle_dir(path: Path, name: str | None = None, match: bool = True) ->
             except ValueError as error:
                 raise BundleError(f"{optional}: not valid JSON: {error}") from None
     return params
+
+
+def check_bundle_model(path: Path, params: dict[str, Any]) -> None:
+    """Check the model file of the bundle folder ``path`` (``params`` from
+    :func:`check_bundle_dir`) for code it would run, without loading it (a SavedModel's
+    graph needs TensorFlow); :class:`BundleError` naming the file, layer and rule."""
+    try:
+        check_model_file(path / params["model"], compile=False)
+    except UnsafeModelError as error:
+        raise BundleError(str(error)) from None
 
 
 def write_params(path: Path, params: dict[str, Any]) -> None:
@@ -406,28 +424,19 @@ class LoadedModel:
         }
 
 
-def import_keras() -> Any:
-    """The legacy Keras module (``tf_keras``), importing TensorFlow on first use."""
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    import tf_keras
-
-    return tf_keras
+#: The legacy Keras module (``tf_keras``), importing TensorFlow on first use.
+import_keras = import_tf_keras
 
 
 def _load_keras(path: Path) -> Any:
-    tf_keras = import_keras()
+    """The Keras model of the bundle file/folder ``path``, checked and loaded in safe mode;
+    :class:`BundleError` naming the file (and the refused layer or op) otherwise."""
     if not path.exists():
         raise BundleError(f"model file {path.name!r} not found in the bundle")
     try:
-        if path.is_dir():
-            return tf_keras.models.load_model(str(path), compile=False)
-        if path.suffix not in (".keras", ".h5", ".hdf5"):
-            raise BundleError(
-                f"model file {path.name!r}: expected a .keras or .h5 file or a SavedModel folder"
-            )
-        return tf_keras.models.load_model(str(path), compile=False)
-    except BundleError:
-        raise
+        return load_keras_model(path, compile=False)
+    except UnsafeModelError as error:
+        raise BundleError(str(error)) from None
     except Exception as error:  # Keras raises many types for a corrupt file
         raise BundleError(f"model file {path.name!r} cannot be loaded: {error}") from None
 

@@ -22,6 +22,7 @@ from ray import serve
 
 from mlaas4hep.platform.issuer import LocalIssuer
 from mlaas4hep.platform.settings import Settings, as_settings
+from mlaas4hep.serve.body_limit import install_body_limit
 from mlaas4hep.serve.errors import install_error_handlers
 
 ISSUER_APP_NAME = "issuer"
@@ -32,8 +33,9 @@ ISSUER_ROUTE_PREFIX = "/issuer"
 _CACHE_CONTROL = {"Cache-Control": "public, max-age=60"}
 
 
-def create_issuer_api(issuer: LocalIssuer) -> FastAPI:
-    """A FastAPI app serving ``issuer``'s discovery document and JWKS."""
+def create_issuer_api(issuer: LocalIssuer, max_body_bytes: int = 0) -> FastAPI:
+    """A FastAPI app serving ``issuer``'s discovery document and JWKS; its routes take
+    no body, so a request sending more than ``max_body_bytes`` gets 413."""
     app = FastAPI(
         title="mlaas4hep token issuer",
         description="OIDC discovery and public keys of the platform's built-in issuer",
@@ -41,6 +43,7 @@ def create_issuer_api(issuer: LocalIssuer) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
+    install_body_limit(app, max_body_bytes)
 
     @app.get("/.well-known/openid-configuration")
     async def openid_configuration() -> JSONResponse:

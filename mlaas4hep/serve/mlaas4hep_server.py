@@ -39,6 +39,7 @@ from mlaas4hep.platform.runs import RunState
 from mlaas4hep.platform.settings import Settings, as_settings
 from mlaas4hep.platform.uploads import UploadError, UserFiles, check_upload_path
 from mlaas4hep.serve.api_resources import model_bundle, tarball_response, upload_error, user_files
+from mlaas4hep.serve.body_limit import install_body_limit
 from mlaas4hep.serve.bundle import BundleError, UploadLimits, unpack_tarball
 from mlaas4hep.serve.errors import ApiError, install_error_handlers
 from mlaas4hep.serve.pipeline_api import (
@@ -118,6 +119,8 @@ def create_mlaas4hep_server_api(ctx: ApiContext) -> FastAPI:
         "Bearer token required.",
     )
     install_error_handlers(app)
+    cfg = ctx.settings
+    install_body_limit(app, cfg.max_request_bytes, cfg.max_upload_bytes, ["POST /upload"])
     User = Annotated[Principal, Depends(principal_dependency(ctx.validator, "use"))]
     Submitter = Annotated[Principal, Depends(principal_dependency(ctx.validator, "submit"))]
 
@@ -148,16 +151,14 @@ def create_mlaas4hep_server_api(ctx: ApiContext) -> FastAPI:
         if part is None or not hasattr(part, "read"):
             raise ApiError(400, "No file was provided: send the tarball as the 'file' part")
         try:
-            files.check_declared(part.size, name)
-            used, room = files.room(name)
+            await asyncio.to_thread(files.check_declared, part.size, name)
+            used, room = await asyncio.to_thread(files.room, name)  # the folder is replaced
         except UploadError as error:
             raise upload_error(error) from None
-        if files.exists(name):
-            room += sum(f["size"] for f in files.list() if f["path"].startswith(name + "/"))
         data = await part.read(files.max_file_bytes + 1)
         if len(data) > files.max_file_bytes:
             raise ApiError(413, f"{name}: over the upload limit of {files.max_file_bytes} bytes")
-        await asyncio.to_thread(_store_folder, ctx, files.root, name, data, room, used)
+        await asyncio.to_thread(_store_folder, ctx, files, name, data, room, used)
         return "Successfully uploaded!\n"
 
     @app.post("/submit", response_model=SubmitAnswer)
@@ -261,9 +262,10 @@ def create_mlaas4hep_server_api(ctx: ApiContext) -> FastAPI:
 
 
 def _store_folder(
-    ctx: ApiContext, root: tuple[str, ...], name: str, data: bytes, room: int, used: int
+    ctx: ApiContext, files: UserFiles, name: str, data: bytes, room: int, used: int
 ) -> None:
-    """Unpack the tarball ``data`` and store its folder as ``root/name``, whole or not at all."""
+    """Unpack the tarball ``data`` (at most ``room`` bytes) and store its folder as the
+    caller's folder ``name``, whole or not at all, taking its room in the quota."""
     limit = UploadLimits(max_bytes=room, max_member_bytes=room)
     with tempfile.TemporaryDirectory(prefix="mlaas4hep-upload-") as tmp:
         dest = Path(tmp) / "unpacked"
@@ -282,22 +284,20 @@ def _store_folder(
         folder = entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
         if not any(p.is_file() for p in folder.rglob("*")):
             raise ApiError(400, f"{name}: the tarball holds no files")
-        staged = f".staging-{name}"
-        ctx.storage.delete(*root, staged)
         try:
-            ctx.storage.upload_dir(folder, *root, staged)
-            ctx.storage.delete(*root, name)
-            ctx.storage.fs.mv(
-                ctx.storage.path(*root, staged), ctx.storage.path(*root, name), recursive=True
-            )
-        finally:
-            ctx.storage.delete(*root, staged)
+            files.put_folder(folder, name)
+        except UploadError as error:
+            raise upload_error(error) from None
 
 
 def _spec_of(
     ctx: ApiContext, root: tuple[str, ...], body: SubmitBody, process_name: str
 ) -> tuple[dict[str, Any], str]:
-    """The pipeline spec (as JSON data) and model source of a submission's folder files."""
+    """The pipeline spec (as JSON data) and model source of a submission's folder files.
+
+    ``root`` is the caller's uploads (``("uploads", owner)``); the files the spec reads are
+    checked by the data-access policy when the pipeline starts, branch-list files now.
+    """
     folder = (*root, body.name)
     names = {"files": body.files, "params": body.params, "model": body.model}
     if body.labels:
@@ -319,6 +319,7 @@ def _spec_of(
             path / body.files,
             path / body.labels if body.labels else None,
             path / body.params,
+            name_files=ctx.policy.name_file_reader(root[1], None),
         )
     except (SpecError, ValueError) as error:
         raise ApiError(422, str(error).replace(str(path) + "/", "")) from None

@@ -21,14 +21,29 @@ from ray import serve
 
 from mlaas4hep import __version__
 from mlaas4hep.platform.auth import AuthConfig, Principal, TokenValidator
-from mlaas4hep.platform.config import PipelineSpec, SpecError, parse_spec, read_spec_text
+from mlaas4hep.platform.config import (
+    ModelSpec,
+    PipelineSpec,
+    SpecError,
+    parse_spec,
+    read_spec_text,
+)
+from mlaas4hep.platform.data_access import DataAccessPolicy
 from mlaas4hep.platform.jobs import PipelineJobs
+from mlaas4hep.platform.quota import QuotaExceeded
+from mlaas4hep.platform.rayjob import pipeline_jobs, register_staged_bundle
 from mlaas4hep.platform.registry import ModelRegistry
 from mlaas4hep.platform.runs import RunNotFound, RunState, RunStore, new_run_id
 from mlaas4hep.platform.settings import Settings, as_settings
 from mlaas4hep.platform.storage import Storage
-from mlaas4hep.platform.uploads import UserFiles
-from mlaas4hep.serve.api_resources import install_file_routes, install_model_routes, save_upload
+from mlaas4hep.serve.api_resources import (
+    install_file_routes,
+    install_model_routes,
+    save_upload,
+    user_files,
+    user_quota,
+)
+from mlaas4hep.serve.body_limit import install_body_limit
 from mlaas4hep.serve.errors import ApiError, install_error_handlers
 from mlaas4hep.serve.predictions_api import install_prediction_routes
 from mlaas4hep.serve.security import principal_dependency
@@ -36,6 +51,13 @@ from mlaas4hep.serve.security import principal_dependency
 #: Run artifacts a client may download, besides plots/<name>.png.
 ARTIFACTS = ("spec.json", "specs.json", "metrics.json", "history.json", "status.json", "log")
 MAX_MODEL_SOURCE_BYTES = 1_000_000
+#: Ray resources counted in bytes, not units: left to the cluster's placement check.
+MEMORY_RESOURCES = frozenset({"memory", "object_store_memory"})
+#: Room held for a new run's record (status.json) besides its submitted spec and model,
+#: until the run's files are counted as its owner's.
+RUN_RECORD_BYTES = 2048
+#: Routes whose bodies carry uploaded files (bounded by ``max_upload_bytes``).
+UPLOAD_ROUTES = ("POST /files", "PUT /files/.+", "POST /pipelines/upload")
 LOG_POLL_SECONDS = 1.0
 
 
@@ -88,6 +110,7 @@ class ApiContext:
     registry: ModelRegistry
     jobs: PipelineJobs
     validator: TokenValidator
+    policy: DataAccessPolicy
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
@@ -97,24 +120,33 @@ class ApiContext:
             storage=storage,
             runs=RunStore(storage),
             registry=ModelRegistry(storage),
-            jobs=PipelineJobs(settings.jobs_url),
+            jobs=pipeline_jobs(settings),
             validator=TokenValidator(AuthConfig.from_settings(settings)),
+            policy=DataAccessPolicy.from_settings(settings, storage),
         )
 
 
-def _check_submission(request: SubmitRequest) -> tuple[PipelineSpec, str | None]:
-    """Validate the spec, its inputs and the model source; raise ApiError 4xx naming the fault."""
+def _check_submission(
+    ctx: ApiContext, request: SubmitRequest, owner: str, run_id: str
+) -> tuple[PipelineSpec, str | None]:
+    """Validate the spec, the data it reads (the data-access policy, before anything is
+    opened), its inputs and the model source; raise ApiError 4xx naming the fault.
+
+    Returns the spec with every path resolved, and the model source.
+    """
     from mlaas4hep.platform.rootio import DataError, inspect_inputs
-    from mlaas4hep.train.models import ModelFileError, check_model_file
+    from mlaas4hep.train.model_file import ModelFileError, check_model_file
 
     spec_data = dict(request.spec)
     if request.model_source is not None:
-        spec_data["model"] = {"file": request.model_filename}
+        spec_data.pop("model", None)  # the source sent replaces any model of the spec
     try:
-        spec = parse_spec(spec_data, "spec")
+        spec = parse_spec(spec_data, "spec", ctx.policy.name_file_reader(owner, run_id))
+        spec = ctx.policy.check_spec(spec, owner, run_id)
     except SpecError as error:
         raise ApiError(422, str(error)) from None
     if request.model_source is not None:
+        spec.model = ModelSpec(file=request.model_filename)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(request.model_filename).name
             path.write_text(request.model_source)
@@ -133,23 +165,52 @@ def _check_submission(request: SubmitRequest) -> tuple[PipelineSpec, str | None]
     return spec, request.model_source
 
 
+def _over_limit(field: str, what: str, value: float, limit: float) -> ApiError:
+    return ApiError(
+        422,
+        f"spec.resources.{field}: the pipeline asks for {value:g} {what}; "
+        f"at most {limit:g} per pipeline",
+    )
+
+
 def check_limits(ctx: ApiContext, spec: PipelineSpec, principal: Principal) -> None:
     """ApiError 429/422 when ``principal`` has too many active pipelines or ``spec`` asks
-    for more than one pipeline may (``max_*_per_pipeline`` settings)."""
+    for more than one pipeline may (``max_*_per_pipeline`` settings).
+
+    Counts what Ray is really asked for: each training worker's resources as the trainer
+    asks them (``resources_per_worker`` overrides the CPUs and GPUs per worker), times the
+    workers of every trial a Tune search runs at once, and each Ray Data read task's
+    ``read_resources`` besides the CPU it takes.
+    """
+    from mlaas4hep.train.trainer import worker_resources
+
     cfg = ctx.settings
     res = spec.resources
-    asked = {
-        "workers": (res.num_workers, cfg.max_workers_per_pipeline),
-        "CPUs": (res.num_workers * res.cpus_per_worker, cfg.max_cpus_per_pipeline),
-        "GPUs": (res.num_workers * res.gpus_per_worker, cfg.max_gpus_per_pipeline),
-    }
-    for what, (value, limit) in asked.items():
-        if value > limit:
+    trials = spec.tune.max_concurrent_trials if spec.tune else 1
+    workers = res.num_workers * trials
+    times = f"{trials} concurrent trials x {res.num_workers} workers" if trials > 1 else ""
+    if workers > cfg.max_workers_per_pipeline:
+        what = f"workers ({times})" if times else "workers"
+        raise _over_limit("num_workers", what, workers, cfg.max_workers_per_pipeline)
+    limits = {"CPU": cfg.max_cpus_per_pipeline, "GPU": cfg.max_gpus_per_pipeline}
+    for key, per_worker in worker_resources(res).items():
+        limit = limits.get(key, cfg.max_custom_resources_per_pipeline)
+        total = per_worker * workers
+        if key not in MEMORY_RESOURCES and total > limit:
+            field = "resources_per_worker" if key in res.resources_per_worker else None
+            field = field or {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}[key]
+            what = f"{key} ({times or f'{workers} workers'} x {per_worker:g})"
+            raise _over_limit(field, what, total, limit)
+    for key, value in res.read_resources.items():
+        if key in {"CPU", "GPU", *MEMORY_RESOURCES}:
             raise ApiError(
                 422,
-                f"spec.resources: the pipeline asks for {value:g} {what}; "
-                f"at most {limit:g} per pipeline",
+                f"spec.resources.read_resources: {key!r} cannot be asked per read task "
+                "(each takes one CPU); name custom resources only",
             )
+        limit = cfg.max_custom_resources_per_pipeline
+        if value > limit:
+            raise _over_limit("read_resources", f"{key} per read task", value, limit)
     active = [r for r in ctx.runs.list(principal.owner) if not RunState(r["state"]).finished]
     if len(active) >= cfg.max_active_pipelines:
         raise ApiError(
@@ -170,14 +231,29 @@ def start_pipeline(
 
     ``fields`` are stored in the run's record. Returns the record.
     """
-    spec, model_source = _check_submission(request)
-    check_limits(ctx, spec, principal)
     run_id = run_id or new_run_id()
-    if model_source is not None:
-        ctx.storage.write_text(model_source, "runs", run_id, "model.py")
-        spec.model.file = ctx.storage.uri("runs", run_id, "model.py")
-    ctx.storage.write_text(spec.to_json(), "runs", run_id, "spec.json")
-    ctx.runs.create(run_id, owner=principal.owner, name=spec.name, job_id=run_id, **fields)
+    # The run's files count in the owner's quota once its record names the owner: their
+    # room is held till then, and a full quota refuses the submission (413) at once.
+    quota = user_quota(ctx, principal.owner)
+    needed = len(request.model_dump_json()) + RUN_RECORD_BYTES
+    try:
+        with quota.holding(needed):
+            spec, model_source = _check_submission(ctx, request, principal.owner, run_id)
+            check_limits(ctx, spec, principal)
+            if model_source is not None:
+                ctx.storage.write_text(model_source, "runs", run_id, "model.py")
+                spec.model.file = ctx.storage.uri("runs", run_id, "model.py")
+            ctx.storage.write_text(spec.to_json(), "runs", run_id, "spec.json")
+            ctx.runs.create(
+                run_id,
+                owner=principal.owner,
+                name=spec.name,
+                job_id=run_id,
+                quota_bytes=quota.limit,
+                **fields,
+            )
+    except QuotaExceeded as error:
+        raise ApiError(413, f"pipeline submission: {error}") from None
     try:
         ctx.jobs.submit(run_id, principal.owner, ctx.storage.uri("runs", run_id, "spec.json"))
     except Exception as error:
@@ -247,7 +323,8 @@ def _record(ctx: ApiContext, run_id: str, principal: Principal) -> dict[str, Any
         message = record.get("message") or job.message
         record = ctx.runs.update(run_id, state=job.state, message=message)
     elif job is not None and job.state == "SUCCEEDED" and record["state"] != "SUCCEEDED":
-        record = ctx.runs.update(
+        # A RayJob stages its bundle in the run's folder; the API registers it.
+        record = register_staged_bundle(ctx.storage, ctx.runs, run_id, job) or ctx.runs.update(
             run_id, state=RunState.FAILED, message="the job ended without registering a model"
         )
     return record
@@ -285,17 +362,17 @@ def install_multipart_submit(app: FastAPI, ctx: ApiContext, submitter: Any) -> N
         model = form.get("model")
         model_source = None if model is None else await _form_text(model, "model")
         run_id = new_run_id()
-        # Uploaded inputs belong to the run: deleting the run deletes them.
-        inputs = UserFiles(
-            ctx.storage, ("runs", run_id, "inputs"), ctx.settings.max_upload_bytes, 2**62
-        )
+        # Uploaded inputs belong to the run: deleting the run deletes them. They count in
+        # the caller's quota: their room is held until the run's record names its owner.
+        inputs = user_files(ctx, principal, ("runs", run_id, "inputs"))
+        held = inputs.quota.reservation()
         uploaded: dict[str, str] = {}
         try:
             for upload in form.getlist("data"):
                 if not hasattr(upload, "read"):
                     raise ApiError(422, "multipart 'data' parts must be files")
                 name = Path(upload.filename or "").name
-                await save_upload(inputs, name, upload)
+                await save_upload(inputs, name, upload, held)
                 uploaded[name] = ctx.storage.uri("runs", run_id, "inputs", name)
             files = spec_data.get("files")
             if isinstance(files, list):
@@ -305,6 +382,9 @@ def install_multipart_submit(app: FastAPI, ctx: ApiContext, submitter: Any) -> N
                     else uploaded.get(f, f)
                     for f in files
                 ]
+            for key in ("specs", "preproc"):  # a specs.json or preproc.json sent as data
+                if isinstance(spec_data.get(key), str):
+                    spec_data[key] = uploaded.get(spec_data[key], spec_data[key])
             if model_source is not None:
                 spec_data.pop("model", None)
             body = SubmitRequest(spec=spec_data, model_source=model_source)
@@ -316,6 +396,8 @@ def install_multipart_submit(app: FastAPI, ctx: ApiContext, submitter: Any) -> N
             if not ctx.storage.exists("runs", run_id, "status.json"):
                 ctx.storage.delete("runs", run_id)
             raise
+        finally:
+            await asyncio.to_thread(held.release)
 
 
 def create_pipeline_api(ctx: ApiContext) -> FastAPI:
@@ -326,6 +408,8 @@ def create_pipeline_api(ctx: ApiContext) -> FastAPI:
         description="Submit ML pipelines on ROOT files and follow them. Bearer token required.",
     )
     install_error_handlers(app)
+    cfg = ctx.settings
+    install_body_limit(app, cfg.max_request_bytes, cfg.max_upload_bytes, UPLOAD_ROUTES)
     User = Annotated[Principal, Depends(principal_dependency(ctx.validator, "use"))]
     Submitter = Annotated[Principal, Depends(principal_dependency(ctx.validator, "submit"))]
 

@@ -80,7 +80,8 @@ def _check_inputs(ctx: Any, name: str, version: int, body: PredictionRequest) ->
 
 def install_prediction_routes(app: FastAPI, ctx: Any, user: Any, submitter: Any) -> None:
     """``POST /predictions`` and ``GET /predictions/{id}`` on ``app`` over the API context."""
-    from mlaas4hep.serve.api_resources import visible_model
+    from mlaas4hep.platform.quota import QuotaExceeded
+    from mlaas4hep.serve.api_resources import user_quota, visible_model
     from mlaas4hep.serve.tfaas import TFaaSService
 
     def _recorded(prediction_id: str, principal: Principal) -> dict[str, Any]:
@@ -114,7 +115,18 @@ def install_prediction_routes(app: FastAPI, ctx: Any, user: Any, submitter: Any)
         version = record.latest if version is None else version
         if version not in record.versions:
             raise ApiError(404, f"model {name!r} has no version {version}")
+        try:  # the data-access policy, before any file is opened
+            body.files = [
+                ctx.policy.resolve(path, f"files[{index}]", principal.owner, None)
+                for index, path in enumerate(body.files)
+            ]
+        except ValueError as error:
+            raise ApiError(422, str(error)) from None
         _check_inputs(ctx, name, version, body)
+        try:  # its scores count in the caller's quota: none are written once it is full
+            user_quota(ctx, principal.owner).check_room(len(body.model_dump_json()))
+        except QuotaExceeded as error:
+            raise ApiError(413, f"prediction with {name!r}: {error}") from None
         prediction_id = new_prediction_id()
         request = {
             **body.model_dump(),

@@ -52,6 +52,7 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlaas4hep.platform.auth import Principal, TokenValidator
+from mlaas4hep.platform.quota import Quota, QuotaExceeded
 from mlaas4hep.platform.registry import (
     ModelNameTaken,
     ModelNotFound,
@@ -62,6 +63,7 @@ from mlaas4hep.platform.registry import (
 from mlaas4hep.platform.settings import Settings, load_settings
 from mlaas4hep.platform.storage import Storage
 from mlaas4hep.serve import kserve, tfaas_pb2
+from mlaas4hep.serve.body_limit import install_body_limit
 from mlaas4hep.serve.bundle import (
     BundleError,
     InputError,
@@ -365,8 +367,16 @@ class TFaaSService:
             # refuse before loading the bundle; register() checks again when it writes
             raise ApiError(409, f"model name {name!r} belongs to another user")
         files = await asyncio.to_thread(read_tree, bundle)
-        await self.call(None, "check_bundle", files, name)
+        # The new version counts in its owner's quota: its room is held from before the
+        # check until it is registered, so concurrent uploads cannot pass the quota.
+        held = Quota(self.storage, principal.owner, self.settings.user_quota_bytes).reservation()
+        size = sum(len(data) for data in files.values())
         try:
+            await asyncio.to_thread(held.take, size, size)
+        except QuotaExceeded as error:
+            raise ApiError(413, f"model {name!r}: {error}") from None
+        try:
+            await self.call(None, "check_bundle", files, name)
             entry = await asyncio.to_thread(
                 self.registry.register,
                 name,
@@ -377,6 +387,8 @@ class TFaaSService:
             )
         except RegistryError as error:
             raise api_error_of(error) or ApiError(400, str(error)) from None
+        finally:
+            await asyncio.to_thread(held.release)
         return {"name": name, "version": entry.version, "visibility": visibility}
 
     async def delete(self, ref: str, principal: Principal) -> dict[str, Any]:
@@ -706,6 +718,14 @@ def create_app(service: TFaaSService) -> FastAPI:
 
     app.add_middleware(RequestCounter, counts=service.counts)
     prefix = service.options.prefix
+    # Uploads up to the service's and the platform's upload limits; predictions (TFaaS
+    # and KServe) and every other body up to the platform's request limit.
+    install_body_limit(
+        app,
+        service.settings.max_request_bytes,
+        min(service.options.max_upload_bytes, service.settings.max_upload_bytes),
+        [f"POST {re.escape(prefix)}/(upload|bundle)"],
+    )
     app.include_router(build_router(service), prefix=prefix)
     app.include_router(kserve.build_router(service), prefix=prefix)
     return app

@@ -92,14 +92,14 @@ def write_bundle(
     pipeline spec (its sha256 goes into metadata.json); ``onnx`` adds ``model.onnx``.
     Returns ``out_dir``.
     """
-    import tf_keras
+    from mlaas4hep.platform.safe_models import load_keras_model
 
     out, source = Path(out_dir), Path(model_dir) / MODEL_FILE
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no trained model to bundle")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, out / MODEL_FILE)
-    model = tf_keras.models.load_model(out / MODEL_FILE, compile=False)
+    model = load_keras_model(out / MODEL_FILE)  # its layers came from a user's model file
     if model.inputs and model.inputs[0].shape[-1] != len(feature_names):
         raise ValueError(
             f"{source}: the model takes {model.inputs[0].shape[-1]} inputs but "

@@ -42,7 +42,7 @@ import numpy as np
 
 from mlaas4hep.platform.config import ModelSpec, PipelineSpec, ResourcesSpec, TrainingSpec
 from mlaas4hep.train.metrics import evaluate
-from mlaas4hep.train.models import build_model, read_model_source
+from mlaas4hep.train.models import build_model, model_archive
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
@@ -499,7 +499,9 @@ def _report_step(model, rank: int, step: int, row: dict[str, Any], history, stop
     }
     with tempfile.TemporaryDirectory(prefix="mlaas4hep-ckpt-") as folder:
         # Every rank saves (saving may read synchronized variables); only rank 0's is kept.
-        model.save(os.path.join(folder, "model.keras"))
+        # The format is explicit: once tf_keras has loaded a .keras archive in a thread (the
+        # safe load of a model file's archive), it saves ".keras" paths as HDF5 there.
+        model.save(os.path.join(folder, "model.keras"), save_format="keras_v3")
         checkpoint = None
         if rank == 0:
             Path(folder, "state.json").write_text(json.dumps({"epoch": step, "history": history}))
@@ -560,8 +562,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     n_features = config["n_features"]
     with strategy.scope():
+        # A model file's model arrives as its sandbox-built archive, loaded in safe mode.
         model = build_model(
-            ModelSpec.model_validate(config["model"]), n_features, source=config["model_source"]
+            ModelSpec.model_validate(config["model"]), n_features, archive=config["model_archive"]
         )
         _compile(model)
     start, history = _restore(model)
@@ -683,10 +686,6 @@ def _step(row: dict[str, Any]) -> int:
     return int(row.get("epoch", row.get("chunk", 0)))
 
 
-def _model_source(model_spec: ModelSpec) -> str | None:
-    return read_model_source(model_spec.file) if model_spec.file else None
-
-
 def _fit(trainer, queue, on_epoch) -> tuple[Any, list[dict[str, Any]]]:
     """Run ``trainer.fit()`` in a thread, relaying per-epoch reports to ``on_epoch`` as
     soon as they arrive."""
@@ -772,8 +771,10 @@ def train_model(
     model, the history and the test metrics.
 
     Raises :class:`ResourceError` when the cluster can never place the workers,
-    :class:`~mlaas4hep.train.models.ModelFileError` for a broken model file (both before
-    any worker starts) and :class:`TrainingError` when the run fails.
+    :class:`~mlaas4hep.train.models.ModelFileError` for a broken model file,
+    :class:`~mlaas4hep.platform.safe_models.UnsafeModelError` for a model file whose model
+    has a refused layer (all before any worker starts; a model file runs only in the
+    sandbox, :mod:`mlaas4hep.train.sandbox`) and :class:`TrainingError` when the run fails.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -782,14 +783,19 @@ def train_model(
     if "train" not in datasets:
         raise ValueError(f"no 'train' dataset among {sorted(datasets)}")
     check_resources(spec.resources)
-    source = _model_source(spec.model)
-    # Built once here so a broken model file fails now, naming its file and line,
-    # rather than after the workers have started.
-    build_model(spec.model, int(n_features), source=source)
+    # A model file runs once, here, in the sandbox; its archive is loaded once in safe mode
+    # so that a broken or unsafe model fails now (naming its file and line, or the refused
+    # layer) rather than after the workers have started. Workers get the archive's bytes.
+    archive = (
+        model_archive(spec.model, int(n_features), seed=spec.training.seed)
+        if spec.model.file
+        else None
+    )
+    build_model(spec.model, int(n_features), archive=archive)
     has_validation = "validation" in datasets
     config = {
         "model": spec.model.model_dump(mode="json"),
-        "model_source": source,
+        "model_archive": archive,
         "training": spec.training.model_dump(mode="json"),
         "n_features": int(n_features),
         "epochs": spec.epochs,
@@ -831,9 +837,7 @@ def train_model(
 
     metrics: dict[str, Any] = {}
     if "test" in datasets:
-        import tf_keras
-
-        model = tf_keras.models.load_model(model_dir / "model.keras", compile=False)
+        model = load_checkpoint_model(model_dir / "model.keras")
         y, s = score_dataset(model, datasets["test"])
         if len(y):
             metrics = evaluate(y, s)
@@ -852,6 +856,14 @@ def train_model(
         worker_reports=last_reports,
         checkpoint_path=result.path if hasattr(result, "path") else None,
     )
+
+
+def load_checkpoint_model(path: Path) -> Any:
+    """The model of a checkpoint's ``model.keras``, checked and loaded in safe mode."""
+    from mlaas4hep.platform.safe_models import load_keras_model
+    from mlaas4hep.platform.settings import load_settings
+
+    return load_keras_model(path, compile=False, allowed=load_settings().allowed_model_layers)
 
 
 def remove_model_dir(result: TrainResult) -> None:

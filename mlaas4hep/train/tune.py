@@ -5,6 +5,9 @@ or keyword arguments of a model file's ``model(idim, ...)``) and how to sample t
 :func:`search_space` turns it into Ray Tune domains, :func:`trial_spec` applies one
 trial's parameters to the spec, and :func:`tune_model` runs the trials (each one a
 :func:`~mlaas4hep.train.trainer.train_model` run) and returns the best trial's model.
+With a model file, each trial builds its own ``model(idim, **params)`` in the sandbox
+(:mod:`mlaas4hep.train.sandbox`, one build per trial's parameters) and its Train workers
+get the resulting archive; no trial process executes the model file.
 """
 
 from __future__ import annotations
