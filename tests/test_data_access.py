@@ -500,6 +500,25 @@ def test_preproc_bombs_are_refused_at_submission(api, tokens, shared_data: Path,
     assert message.startswith(f"preproc: new_branch.bomb: {expression!r} ")
 
 
+def test_limits_answer_before_any_input_is_opened_and_errors_name_uploads_as_sent(
+    api, tokens
+) -> None:
+    put = call(api, tokens, "alice", "PUT", "/api/v1/files/bad/not-root.root", content=b"junk")
+    assert put.status_code == 201, put.text
+    try:
+        spec = hzz_spec("uploads/bad/not-root.root")
+        over = {"num_workers": 2, "resources_per_worker": {"CPU": 16}}
+        # The limit is known from the spec alone: it answers without reading the file.
+        assert refused(submit(api, tokens, {**spec, "resources": over})).startswith(
+            "spec.resources.resources_per_worker: "
+        )
+        message = refused(submit(api, tokens, spec))
+        assert message.startswith("uploads/bad/not-root.root: "), message
+        assert "/uploads/" not in message  # not where the platform keeps it
+    finally:
+        call(api, tokens, "alice", "DELETE", "/api/v1/files/bad/not-root.root")
+
+
 def test_client_sends_the_local_files_a_spec_names_with_it(api, tokens, tmp_path: Path) -> None:
     from mlaas4hep.client import ClientError, PlatformClient
     from mlaas4hep.platform.demo import write_demo_data

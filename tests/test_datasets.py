@@ -169,6 +169,7 @@ def test_labels_file_with_another_count_than_files_is_refused(
 def test_preproc_that_does_not_parse_is_refused_at_submission(
     demo_files, platform_settings
 ) -> None:
+    from mlaas4hep.platform.auth import Principal
     from mlaas4hep.serve.errors import ApiError
     from mlaas4hep.serve.pipeline_api import ApiContext, SubmitRequest, _check_submission
 
@@ -176,7 +177,8 @@ def test_preproc_that_does_not_parse_is_refused_at_submission(
     preproc = {"flat_cut": {"nJet": {"cut": "0 <= nJet <", "remove": "False"}}}
     request = SubmitRequest(spec={"files": files, "preproc": preproc})
     with pytest.raises(ApiError) as raised:
-        _check_submission(ApiContext.from_settings(platform_settings), request, "alice", "r1")
+        alice = Principal(sub="alice", issuer="https://iam.example/")
+        _check_submission(ApiContext.from_settings(platform_settings), request, alice, "r1")
     assert raised.value.status == 422
     assert raised.value.message.startswith("preproc: flat_cut.nJet.cut: cannot parse '0 <= nJet <'")
 

@@ -127,13 +127,15 @@ class ApiContext:
 
 
 def _check_submission(
-    ctx: ApiContext, request: SubmitRequest, owner: str, run_id: str
+    ctx: ApiContext, request: SubmitRequest, principal: Principal, run_id: str
 ) -> tuple[PipelineSpec, str | None]:
-    """Validate the spec, the data it reads (the data-access policy, before anything is
-    opened), its inputs and the model source; raise ApiError 4xx naming the fault.
+    """Validate the spec, the data it reads (the data-access policy), the model source
+    and the caller's limits, all before anything is opened; then its inputs. Raise
+    ApiError 4xx naming the fault.
 
     Returns the spec with every path resolved, and the model source.
     """
+    owner = principal.owner
     from mlaas4hep.platform.rootio import DataError, inspect_inputs
     from mlaas4hep.train.model_file import ModelFileError, check_model_file
 
@@ -158,11 +160,24 @@ def _check_submission(
         raise ApiError(
             422, "spec.model.file: send the model file's source as model_source with the spec"
         )
+    check_limits(ctx, spec, principal)
     try:
         inspect_inputs(spec)
     except DataError as error:
-        raise ApiError(422, str(error)) from None
+        raise ApiError(422, _as_named(str(error), spec, request.spec)) from None
     return spec, request.model_source
+
+
+def _as_named(message: str, resolved: PipelineSpec, sent: dict[str, Any]) -> str:
+    """``message`` with each resolved input path put back as the submission named it, so
+    answers never show where the platform keeps a user's files."""
+    try:
+        named = parse_spec(dict(sent), "spec").files
+    except SpecError:
+        return message
+    for item, original in zip(resolved.files, named, strict=False):
+        message = message.replace(item.path, original.path)
+    return message
 
 
 def _over_limit(field: str, what: str, value: float, limit: float) -> ApiError:
@@ -238,8 +253,7 @@ def start_pipeline(
     needed = len(request.model_dump_json()) + RUN_RECORD_BYTES
     try:
         with quota.holding(needed):
-            spec, model_source = _check_submission(ctx, request, principal.owner, run_id)
-            check_limits(ctx, spec, principal)
+            spec, model_source = _check_submission(ctx, request, principal, run_id)
             if model_source is not None:
                 ctx.storage.write_text(model_source, "runs", run_id, "model.py")
                 spec.model.file = ctx.storage.uri("runs", run_id, "model.py")
