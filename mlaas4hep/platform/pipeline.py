@@ -70,10 +70,13 @@ def run_pipeline(spec: PipelineSpec, run_id: str, owner: str, storage: Storage) 
     except LookupError:
         runs.create(run_id, owner=owner, name=spec.name, source="cli")
         storage.write_text(spec.to_json(), "runs", run_id, "spec.json")
-    redactor = Redactor.from_environment()
+    settings = load_settings()
+    redactor = Redactor.from_settings(settings)
     handler = _attach_log(storage, run_id, redactor)
     try:
-        return _run_stages(spec, run_id, owner, storage, runs)
+        return _run_stages(
+            spec, run_id, owner, storage, runs, stage_bundle=settings.job_backend == "rayjob"
+        )
     except BaseException as error:
         if runs.get(run_id)["state"] == RunState.CANCELLED:
             logger.info("pipeline cancelled")  # the job was stopped: keep CANCELLED
@@ -87,7 +90,13 @@ def run_pipeline(spec: PipelineSpec, run_id: str, owner: str, storage: Storage) 
 
 
 def _run_stages(
-    spec: PipelineSpec, run_id: str, owner: str, storage: Storage, runs: RunStore
+    spec: PipelineSpec,
+    run_id: str,
+    owner: str,
+    storage: Storage,
+    runs: RunStore,
+    *,
+    stage_bundle: bool,
 ) -> dict[str, Any]:
     # Imported here: TensorFlow must only load after TF_USE_LEGACY_KERAS is set.
     from mlaas4hep.platform.datasets import obtain_specs
@@ -178,7 +187,7 @@ def _run_stages(
             spec_json=spec.to_json(),
             onnx=spec.bundle.onnx,
         )
-        if load_settings().job_backend == "rayjob":
+        if stage_bundle:
             # A RayJob's pods cannot write models/: the API registers the staged bundle.
             storage.upload_dir(bundle, "runs", run_id, STAGED_BUNDLE)
             version = None

@@ -143,8 +143,8 @@ def _check_submission(
     if request.model_source is not None:
         spec_data.pop("model", None)  # the source sent replaces any model of the spec
     try:
-        spec = parse_spec(spec_data, "spec", ctx.policy.name_file_reader(owner, run_id))
-        spec = ctx.policy.check_spec(spec, owner, run_id)
+        named = parse_spec(spec_data, "spec", ctx.policy.name_file_reader(owner, run_id))
+        spec = ctx.policy.check_spec(named, owner, run_id)
     except SpecError as error:
         raise ApiError(422, str(error)) from None
     if request.model_source is not None:
@@ -164,18 +164,14 @@ def _check_submission(
     try:
         inspect_inputs(spec)
     except DataError as error:
-        raise ApiError(422, _as_named(str(error), spec, request.spec)) from None
+        raise ApiError(422, _as_named(str(error), spec, named)) from None
     return spec, request.model_source
 
 
-def _as_named(message: str, resolved: PipelineSpec, sent: dict[str, Any]) -> str:
-    """``message`` with each resolved input path put back as the submission named it, so
-    answers never show where the platform keeps a user's files."""
-    try:
-        named = parse_spec(dict(sent), "spec").files
-    except SpecError:
-        return message
-    for item, original in zip(resolved.files, named, strict=False):
+def _as_named(message: str, resolved: PipelineSpec, named: PipelineSpec) -> str:
+    """``message`` with each resolved input path put back as the submission ``named`` it,
+    so answers never show where the platform keeps a user's files."""
+    for item, original in zip(resolved.files, named.files, strict=True):
         message = message.replace(item.path, original.path)
     return message
 
