@@ -156,8 +156,7 @@ UPLOAD_BODY_LIMIT = UPLOAD_LIMIT + 64 * 1024  # the framing room of multipart up
 UPLOAD_ROUTES = [
     pytest.param(
         "PUT", f"{API}/files/big.bin", {}, BIG,
-        {"error": f"big.bin: over the upload limit of {UPLOAD_LIMIT} bytes"},
-        id="api-put-file",
+        middleware_refusal("PUT", "/files/big.bin", UPLOAD_LIMIT), id="api-put-file",
     ),
     pytest.param(
         "POST", f"{API}/files", FORM, multipart(("file", "big.bin", BIG)),

@@ -236,7 +236,7 @@ def test_login_by_the_device_grant_saves_the_users_token(platform, oidc_provider
     import sys
 
     command = [sys.executable, "-m", "mlaas4hep", "login", "--issuer", oidc_provider.issuer]
-    command += ["--client-id", "alice", "--client-secret", oidc_provider.secrets["alice"]]
+    command += ["--client-id", "alice", "--client-secret=" + oidc_provider.secrets["alice"]]
     command += ["--resource", "urn:mlaas4hep"]
     env = {**os.environ, "MLAAS4HEP_HOME": str(tmp_path)}
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as login:

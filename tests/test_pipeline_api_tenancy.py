@@ -76,7 +76,8 @@ def test_file_over_the_size_limit_is_refused_and_leaves_nothing(api, tokens):
     _, storage = api
     answer = call(api, tokens, "alice", "PUT", "/api/v1/files/big.bin", content=b"z" * 3001)
     assert answer.status_code == 413
-    assert answer.json() == {"error": "big.bin: over the upload limit of 3000 bytes"}
+    refusal = "PUT /files/big.bin: request body over the limit of 3000 bytes"
+    assert answer.json() == {"error": refusal}
 
     def chunks():  # no Content-Length: refused while streaming
         for _ in range(4):

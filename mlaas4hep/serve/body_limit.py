@@ -53,16 +53,19 @@ class BodyLimits:
 
     @classmethod
     def of(
-        cls, default: int, upload_bytes: int = 0, upload_routes: Iterable[str] = ()
+        cls,
+        default: int,
+        upload_bytes: int = 0,
+        upload_routes: Iterable[str] = (),
+        raw_upload_routes: Iterable[str] = (),
     ) -> BodyLimits:
-        """Limits of ``default`` bytes, and ``upload_bytes`` plus the multipart framing
-        on each ``"METHOD /path-regex"`` of ``upload_routes``."""
-        rules = []
-        for route in upload_routes:
-            method, _, pattern = route.partition(" ")
-            rules.append(
-                (method.upper(), re.compile(pattern), upload_bytes + MULTIPART_OVERHEAD_BYTES)
-            )
+        """Limits of ``default`` bytes; ``upload_bytes`` plus the multipart framing on
+        each ``"METHOD /path-regex"`` of ``upload_routes``; exactly ``upload_bytes`` on
+        each route of ``raw_upload_routes``, whose body is the file itself."""
+        rules = [
+            (*_route(route), upload_bytes + MULTIPART_OVERHEAD_BYTES) for route in upload_routes
+        ]
+        rules += [(*_route(route), upload_bytes) for route in raw_upload_routes]
         return cls(default, tuple(rules))
 
     def limit(self, method: str, path: str) -> int:
@@ -71,6 +74,12 @@ class BodyLimits:
             if rule_method == method and pattern.fullmatch(path):
                 return limit
         return self.default
+
+
+def _route(route: str) -> tuple[str, re.Pattern[str]]:
+    """The method and compiled path pattern of a ``"METHOD /path-regex"`` rule."""
+    method, _, pattern = route.partition(" ")
+    return method.upper(), re.compile(pattern)
 
 
 def app_path(scope: Scope) -> str:
@@ -153,7 +162,12 @@ async def _refuse(scope: Scope, send: Send, limit: int) -> None:
 
 
 def install_body_limit(
-    app: FastAPI, default: int, upload_bytes: int = 0, upload_routes: Iterable[str] = ()
+    app: FastAPI,
+    default: int,
+    upload_bytes: int = 0,
+    upload_routes: Iterable[str] = (),
+    raw_upload_routes: Iterable[str] = (),
 ) -> None:
     """Bound every request body of ``app`` (see :meth:`BodyLimits.of` for the arguments)."""
-    app.add_middleware(BodyLimit, limits=BodyLimits.of(default, upload_bytes, upload_routes))
+    limits = BodyLimits.of(default, upload_bytes, upload_routes, raw_upload_routes)
+    app.add_middleware(BodyLimit, limits=limits)

@@ -57,7 +57,8 @@ MEMORY_RESOURCES = frozenset({"memory", "object_store_memory"})
 #: until the run's files are counted as its owner's.
 RUN_RECORD_BYTES = 2048
 #: Routes whose bodies carry uploaded files (bounded by ``max_upload_bytes``).
-UPLOAD_ROUTES = ("POST /files", "PUT /files/.+", "POST /pipelines/upload")
+UPLOAD_ROUTES = ("POST /files", "POST /pipelines/upload")  # multipart bodies
+RAW_UPLOAD_ROUTES = ("PUT /files/.+",)  # the body is the file
 LOG_POLL_SECONDS = 1.0
 
 
@@ -419,7 +420,9 @@ def create_pipeline_api(ctx: ApiContext) -> FastAPI:
     )
     install_error_handlers(app)
     cfg = ctx.settings
-    install_body_limit(app, cfg.max_request_bytes, cfg.max_upload_bytes, UPLOAD_ROUTES)
+    install_body_limit(
+        app, cfg.max_request_bytes, cfg.max_upload_bytes, UPLOAD_ROUTES, RAW_UPLOAD_ROUTES
+    )
     User = Annotated[Principal, Depends(principal_dependency(ctx.validator, "use"))]
     Submitter = Annotated[Principal, Depends(principal_dependency(ctx.validator, "submit"))]
 
