@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install the Debian packages the platform needs, when missing: XRootD server and client, and
-# bubblewrap (bwrap), the sandbox every user model.py runs in.
+# Install the Debian packages the platform needs, when missing: XRootD server and client,
+# bubblewrap (bwrap), the sandbox every user model.py runs in, and hey, the HTTP load tool
+# of benchmarks/serve_latency.py.
 set -euo pipefail
 
-packages=(xrootd-server xrootd-client bubblewrap)
+packages=(xrootd-server xrootd-client bubblewrap hey)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
