@@ -181,6 +181,29 @@ def test_check_spec_resolves_every_path_and_names_the_field_it_refuses(roots) ->
             policy.check_spec(parse_spec({**data, **change}), "alice", "run-1")
 
 
+def test_mlaas4hep_redirector_is_checked_when_files_are_read_through_it(roots) -> None:
+    """MLaaS4HEP's params.json carries its default redirector beside local files: unused,
+    it is no reason to refuse; used by a relative or /store/ name, it must be on the list."""
+    from mlaas4hep.platform.config import parse_spec
+
+    policy = policy_of(roots, hosts=("root://xcache:1094",))
+    shared = str(roots["shared"] / "events.root")
+    data = {"files": [{"path": shared, "label": 1}], "redirector": "root://cms-xrd-global.cern.ch"}
+    assert [f.path for f in policy.check_spec(parse_spec(data), "alice", None).files] == [shared]
+    for name in ("/store/data/a.root", "data/a.root"):
+        remote = {**data, "files": [{"path": name, "label": 0}]}
+        with pytest.raises(DataAccessError) as refused:
+            policy.check_spec(parse_spec(remote), "alice", None)
+        assert str(refused.value) == (
+            "redirector: 'root://cms-xrd-global.cern.ch': host root://cms-xrd-global.cern.ch:1094 "
+            "is not a data host on the operator's allow-list (allowed_data_hosts: "
+            "root://xcache:1094)"
+        )
+    allowed = {"files": [{"path": "data/a.root", "label": 0}], "redirector": "root://xcache"}
+    checked = policy.check_spec(parse_spec(allowed), "alice", None)
+    assert [f.path for f in checked.files] == ["root://xcache/data/a.root"]
+
+
 def test_branch_list_files_are_read_only_through_the_policy(roots) -> None:
     from mlaas4hep.platform.config import SpecError, parse_spec
 

@@ -23,6 +23,7 @@ from mlaas4hep.train.trainer import (
     EarlyStopping,
     ResourceError,
     check_resources,
+    fit_resources,
     scaling_config,
     split_dataset,
     train_model,
@@ -287,6 +288,47 @@ def test_workers_taking_every_cpu_fail_fast(ray_cluster):
     with pytest.raises(ResourceError, match=r"CPU 200 asked"):
         check_resources(ResourcesSpec(num_workers=100, cpus_per_worker=2))
     check_resources(ResourcesSpec(num_workers=1))
+
+
+def _node(cpus: float, **others: float) -> dict[str, float]:
+    return {"CPU": cpus, "memory": 8e9, **others}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "workers", "cpus"),
+    [
+        ([_node(2)], 1, 1.0),  # this 2-core machine with no platform up: one worker fits
+        ([_node(6)], 2, 1.0),  # the embedded platform's sized head: the default two
+        ([_node(1.5)], 1, 0.5),  # less than a CPU left for a worker: a smaller one
+        ([_node(1), _node(1)], 1, 1.0),  # one CPU of the two nodes kept for reading
+        ([_node(16), _node(16)], 2, 1.0),  # never more than the default unasked
+    ],
+)
+def test_unset_workers_and_cpus_are_chosen_to_fit_the_cluster(nodes, workers, cpus):
+    choice = fit_resources(ResourcesSpec(), nodes)
+    assert (choice.resources.num_workers, choice.resources.cpus_per_worker) == (workers, cpus)
+    total = sum(node["CPU"] for node in nodes)
+    assert total - workers * cpus >= 1.0  # a CPU stays free for the Ray Data read tasks
+    assert choice.reason.startswith(f"training on {workers} worker(s) x {{CPU: {cpus:g}}}: ")
+    assert "num_workers and cpus_per_worker not set" in choice.reason
+    assert f"{total:g} CPUs" in choice.reason
+
+
+def test_unset_worker_count_fits_gpus_and_concurrent_trials():
+    gpu = fit_resources(ResourcesSpec(use_gpu=True), [_node(8, GPU=1), _node(8)])
+    assert gpu.resources.num_workers == 1  # one node has the one GPU
+    trials = fit_resources(ResourcesSpec(), [_node(4)], trials=3)
+    assert trials.resources.num_workers == 1 and "each of 3 concurrent trials" in trials.reason
+
+
+def test_explicit_resources_are_kept_as_asked_even_when_they_cannot_fit():
+    asked = ResourcesSpec(num_workers=2, cpus_per_worker=1)
+    choice = fit_resources(asked, [_node(2)])
+    assert choice.resources == asked and choice.reason is None
+    # Set workers keep their count; only the unset CPUs per worker are chosen.
+    some = fit_resources(ResourcesSpec(num_workers=3), [_node(2)])
+    assert (some.resources.num_workers, some.resources.cpus_per_worker) == (3, 1.0)
+    assert "cpus_per_worker not set" in some.reason and "num_workers" not in some.reason
 
 
 # --------------------------------------------------------------------------- splits

@@ -4,7 +4,11 @@ A spec is written as YAML or JSON with MLaaS4HEP's ``params.json`` key names
 (``nevts``, ``chunk_size``, ``epochs``, ``batch_size``, ``branch``, ``identifier``,
 ``selected_branches``, ``exclude_branches``, ``redirector``, ``nan``, ``verbose``)
 plus the inputs (``files`` with labels), the model and the resources to train on.
-Unknown keys (MLaaS4HEP's ``hist`` and friends) are accepted with a warning.
+Unknown top-level keys (MLaaS4HEP's ``hist`` and friends: its params.json is flat) are
+accepted with a warning, also written to the run's log; unknown keys inside the platform's
+own blocks (``resources``, ``training``, ``model``, ...) are refused. MLaaS4HEP's values
+are read as it writes them: ``shuffle: true/false``, ``redirector: ""``, branch lists as
+strings or lists.
 
 :func:`load_spec` reads a spec file; :func:`spec_from_mlaas4hep_inputs` builds one
 from MLaaS4HEP's original ``files.txt``/``labels.txt``/``params.json``/``model.py``.
@@ -39,6 +43,13 @@ logger = logging.getLogger(__name__)
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 #: Events per chunk of per-chunk training when the spec sets no ``chunk_size``.
 DEFAULT_CHUNK_EVENTS = 10_000
+#: Training workers of a spec that sets none, where the cluster has room for them.
+DEFAULT_WORKERS = 2
+#: CPUs per training worker of a spec that sets none.
+DEFAULT_CPUS_PER_WORKER = 1.0
+#: MLaaS4HEP's ``shuffle: true/false`` as this platform's event orders (``"blocks"``
+#: permutes the chunks, seeded and streaming, as MLaaS4HEP draws its chunks at random).
+SHUFFLE_OF_BOOL = {True: "blocks", False: "none"}
 
 
 class SpecError(ValueError):
@@ -129,9 +140,20 @@ class ResourcesSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_workers: int = Field(default=2, ge=1, le=1024)
+    num_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description=f"Training workers; unset: as many as fit the cluster (at most "
+        f"{DEFAULT_WORKERS}) while CPUs stay free for reading the data",
+    )
     use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    cpus_per_worker: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=f"CPUs of each training worker; unset: {DEFAULT_CPUS_PER_WORKER:g}, or "
+        "what the largest node has when that is less",
+    )
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Extra custom Ray resources per worker"
@@ -144,6 +166,16 @@ class ResourcesSpec(BaseModel):
     max_failures: int = Field(
         default=0, ge=-1, description="Worker failures to recover from (from the last checkpoint)"
     )
+
+    @property
+    def workers(self) -> int:
+        """Training workers: ``num_workers``, or the default before the cluster is known."""
+        return self.num_workers or DEFAULT_WORKERS
+
+    @property
+    def worker_cpus(self) -> float:
+        """CPUs per worker: ``cpus_per_worker``, or the default before the cluster is known."""
+        return DEFAULT_CPUS_PER_WORKER if self.cpus_per_worker is None else self.cpus_per_worker
 
     @model_validator(mode="after")
     def _gpu_consistency(self) -> ResourcesSpec:
@@ -336,6 +368,18 @@ class PipelineSpec(BaseModel):
     def _model(cls, value: Any) -> Any:
         return {"file": value} if isinstance(value, str) else value
 
+    @field_validator("shuffle", mode="before")
+    @classmethod
+    def _shuffle(cls, value: Any) -> Any:
+        """MLaaS4HEP's ``shuffle: true/false`` as the platform's modes (:data:`SHUFFLE_OF_BOOL`)."""
+        return SHUFFLE_OF_BOOL[value] if isinstance(value, bool) else value
+
+    @field_validator("redirector", mode="before")
+    @classmethod
+    def _redirector(cls, value: Any) -> Any:
+        """MLaaS4HEP's ``redirector: ""`` (no prefix) as no redirector."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("nan", mode="before")
     @classmethod
     def _nan(cls, value: Any) -> Any:
@@ -352,16 +396,23 @@ class PipelineSpec(BaseModel):
                     "every file needs a label (or set label_branch); no label for: "
                     + ", ".join(missing)
                 )
-        unknown = sorted(set(self.model_extra or {}))
-        if unknown:
-            ignored = [k for k in unknown if k not in IGNORED_MLAAS4HEP_KEYS]
-            warnings.warn(
-                f"spec keys not used by mlaas4hep: {', '.join(unknown)}",
-                UserWarning,
-                stacklevel=2,
-            )
-            logger.warning("ignoring unknown spec keys: %s", ", ".join(ignored or unknown))
+        message = self.unused_keys_message()
+        if message:
+            warnings.warn(message, UserWarning, stacklevel=2)
+            logger.warning("%s", message)
         return self
+
+    def unused_keys_message(self) -> str | None:
+        """A warning naming the spec's top-level keys this platform does not use (accepted
+        and ignored, e.g. MLaaS4HEP's ``hist``), or None when there are none."""
+        unknown = sorted(set(self.model_extra or {}))
+        if not unknown:
+            return None
+        known = [k for k in unknown if k in IGNORED_MLAAS4HEP_KEYS]
+        other = [k for k in unknown if k not in IGNORED_MLAAS4HEP_KEYS]
+        parts = [f"MLaaS4HEP keys with no use here: {', '.join(known)}"] if known else []
+        parts += [f"unknown keys: {', '.join(other)}"] if other else []
+        return "spec keys accepted and ignored: " + "; ".join(parts)
 
     @property
     def chunk_events(self) -> int:
@@ -380,9 +431,25 @@ class PipelineSpec(BaseModel):
         return json.dumps(data, indent=2, sort_keys=True)
 
 
+#: Relative names that name the caller's files on the platform, never the redirector's.
+_PLATFORM_PREFIXES = ("uploads/", "runs/")
+
+
+def behind_redirector(path: str, redirector: str | None) -> bool:
+    """True when ``path`` is read through ``redirector``: a logical ``/store/...`` name, or
+    (as MLaaS4HEP's reader does) a relative name that is no local file, URL or platform
+    name (``uploads/...``, ``runs/...``)."""
+    if not redirector or _is_url(path):
+        return False
+    if path.startswith("/"):
+        return path.startswith("/store/")
+    return not path.startswith(_PLATFORM_PREFIXES)
+
+
 def resolve_path(path: str, redirector: str | None) -> str:
-    """Turn a logical name (``/store/...``) into a ``root://`` URL when a redirector is set."""
-    if redirector and path.startswith("/store/"):
+    """``path`` as a ``root://`` URL behind ``redirector`` when :func:`behind_redirector`
+    says so (``redirector/path``, as MLaaS4HEP joins them), else ``path`` itself."""
+    if behind_redirector(path, redirector):
         return redirector.rstrip("/") + "/" + path
     return path
 
@@ -444,8 +511,10 @@ def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make local relative paths of files and the model file absolute against ``base``.
 
     ``uploads/<path>`` names with no such local file stay as they are: they name the
-    caller's uploaded files on the platform.
+    caller's uploaded files on the platform. With a ``redirector``, so do file names with
+    no such local file: the redirector serves them (:func:`resolve_path`), as in MLaaS4HEP.
     """
+    redirector = data.get("redirector")
 
     def fix(path: str) -> str:
         if _is_url(path) or path.startswith("/"):
@@ -454,16 +523,21 @@ def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
             return path
         return str((base / path).resolve())
 
+    def fix_file(path: str) -> str:
+        if isinstance(redirector, str) and redirector.strip() and not (base / path).exists():
+            return path
+        return fix(path)
+
     data = dict(data)
     files = data.get("files")
     if isinstance(files, str):
         files = [files]
     if isinstance(files, list):
         data["files"] = [
-            fix(item)
+            fix_file(item)
             if isinstance(item, str)
             else (
-                {**item, "path": fix(item["path"])}
+                {**item, "path": fix_file(item["path"])}
                 if isinstance(item, dict) and "path" in item
                 else item
             )

@@ -33,7 +33,13 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
-from mlaas4hep.platform.config import NameFileReader, PipelineSpec, SpecError, resolve_path
+from mlaas4hep.platform.config import (
+    NameFileReader,
+    PipelineSpec,
+    SpecError,
+    behind_redirector,
+    resolve_path,
+)
 
 if TYPE_CHECKING:
     from mlaas4hep.platform.settings import Settings
@@ -222,10 +228,13 @@ class DataAccessPolicy:
 
     def check_spec(self, spec: PipelineSpec, owner: str, run_id: str | None) -> PipelineSpec:
         """A copy of ``spec`` with every path it reads resolved (logical ``/store/...``
-        names put behind the redirector first); :class:`DataAccessError` for the first
-        path ``owner``'s run ``run_id`` may not read."""
+        and other remote names put behind the redirector first); :class:`DataAccessError`
+        for the first path ``owner``'s run ``run_id`` may not read.
+
+        A redirector is checked against the allow-list when a file is read through it
+        (MLaaS4HEP's params carry its default redirector beside local files)."""
         spec = spec.model_copy(deep=True)
-        if spec.redirector:
+        if any(behind_redirector(item.path, spec.redirector) for item in spec.files):
             self._url_prefix(spec.redirector, "redirector")
         for index, item in enumerate(spec.files):
             where = f"files[{index}].path"

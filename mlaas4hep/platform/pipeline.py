@@ -108,6 +108,7 @@ def _run_stages(
     from mlaas4hep.train.trainer import (
         check_resources,
         epoch_metrics,
+        fitted_to_cluster,
         remove_model_dir,
         split_dataset,
         train_model,
@@ -122,6 +123,10 @@ def _run_stages(
         logger.info(
             "resume %d: training continues from the run's latest checkpoint", record["resumes"]
         )
+    unused = spec.unused_keys_message()
+    if unused:
+        logger.warning("%s", unused)
+    spec = fitted_to_cluster(spec, logger)  # unset workers/CPUs: what fits, said in the log
     check_resources(spec.resources)
     summary = inspect_inputs(spec)
     logger.info("inputs: %s", summary)

@@ -351,8 +351,8 @@ def render_rayjob(
         )
         for k, v in resources.resources_per_worker.items()
     }
-    workers = resources.num_workers
-    cpus = _amount(resources.cpus_per_worker, "resources.cpus_per_worker")
+    workers = resources.workers
+    cpus = _amount(resources.worker_cpus, "resources.cpus_per_worker")
     gpus = math.ceil(resources.gpus_per_worker) if resources.use_gpu else 0
     worker_params: dict[str, str] = {"num-cpus": str(math.ceil(cpus))}
     if gpus:

@@ -334,7 +334,7 @@ def _spec_of(
             raise ApiError(422, f"cpus {body.cpus!r} is not a number") from None
         if cpus <= 0:
             raise ApiError(422, f"cpus {body.cpus!r} must be positive")
-        spec.resources.cpus_per_worker = cpus / spec.resources.num_workers
+        spec.resources.cpus_per_worker = cpus / spec.resources.workers
     data = spec.model_dump(mode="json")
     data.pop("model", None)
     if isinstance(spec.nan, float) and spec.nan != spec.nan:

@@ -199,8 +199,8 @@ def check_limits(ctx: ApiContext, spec: PipelineSpec, principal: Principal) -> N
     cfg = ctx.settings
     res = spec.resources
     trials = spec.tune.max_concurrent_trials if spec.tune else 1
-    workers = res.num_workers * trials
-    times = f"{trials} concurrent trials x {res.num_workers} workers" if trials > 1 else ""
+    workers = res.workers * trials  # unset: the most the cluster fit can choose
+    times = f"{trials} concurrent trials x {res.workers} workers" if trials > 1 else ""
     if workers > cfg.max_workers_per_pipeline:
         what = f"workers ({times})" if times else "workers"
         raise _over_limit("num_workers", what, workers, cfg.max_workers_per_pipeline)

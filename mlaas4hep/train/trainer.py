@@ -40,7 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mlaas4hep.platform.config import ModelSpec, PipelineSpec, ResourcesSpec, TrainingSpec
+from mlaas4hep.platform.config import (
+    DEFAULT_CPUS_PER_WORKER,
+    DEFAULT_WORKERS,
+    ModelSpec,
+    PipelineSpec,
+    ResourcesSpec,
+    TrainingSpec,
+)
 from mlaas4hep.train.metrics import evaluate
 from mlaas4hep.train.models import build_model, model_archive
 
@@ -156,7 +163,7 @@ def to_model_input(features: np.ndarray) -> np.ndarray:
 
 def worker_resources(resources: ResourcesSpec) -> dict[str, float]:
     """Ray resources one training worker asks for."""
-    ask = {"CPU": float(resources.cpus_per_worker)}
+    ask = {"CPU": float(resources.worker_cpus)}
     if resources.use_gpu:
         ask["GPU"] = float(resources.gpus_per_worker or 1.0)
     ask.update({k: float(v) for k, v in resources.resources_per_worker.items()})
@@ -168,7 +175,7 @@ def scaling_config(resources: ResourcesSpec):
     from ray.train import ScalingConfig
 
     return ScalingConfig(
-        num_workers=resources.num_workers,
+        num_workers=resources.workers,
         use_gpu=resources.use_gpu,
         resources_per_worker=worker_resources(resources),
     )
@@ -199,7 +206,7 @@ def check_resources(resources: ResourcesSpec, *, data_cpus: float = 1.0) -> None
     if os.environ.get(AUTOSCALING_ENV, "").lower() in {"1", "true", "yes"}:
         return  # the autoscaler starts the nodes asked for (GPU groups scale from zero)
     per_worker = worker_resources(resources)
-    n = resources.num_workers
+    n = resources.workers
     total = {k: float(v) for k, v in ray.cluster_resources().items()}
     asked = f"training asks for {n} worker(s) x {_fmt(per_worker)}"
     has = "the cluster has " + _fmt({k: total.get(k, 0.0) for k in sorted(per_worker)})
@@ -210,7 +217,7 @@ def check_resources(resources: ResourcesSpec, *, data_cpus: float = 1.0) -> None
     ]
     if short:
         raise ResourceError(f"{asked}, but {has}: " + "; ".join(short))
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    nodes = _alive_nodes()
     if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in per_worker.items()) for node in nodes):
         largest = max(nodes, key=lambda node: node.get("CPU", 0.0), default={})
         raise ResourceError(
@@ -223,6 +230,103 @@ def check_resources(resources: ResourcesSpec, *, data_cpus: float = 1.0) -> None
             f"{asked}, leaving {left:g} of {total.get('CPU', 0.0):g} CPUs for reading the data "
             f"({data_cpus:g} needed): use fewer workers or fewer CPUs per worker"
         )
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    """The resources of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+@dataclass(frozen=True)
+class ResourceChoice:
+    """Resources with every worker count and size set, and why (None: the spec set them)."""
+
+    resources: ResourcesSpec
+    reason: str | None
+
+
+def fit_resources(
+    resources: ResourcesSpec,
+    nodes: list[dict[str, float]],
+    *,
+    data_cpus: float = 1.0,
+    trials: int = 1,
+) -> ResourceChoice:
+    """Fill in what ``resources`` leaves unset (``num_workers``, ``cpus_per_worker``) so
+    that it fits the cluster of ``nodes`` (each node's Ray resources).
+
+    An unset ``cpus_per_worker`` is :data:`DEFAULT_CPUS_PER_WORKER` (less when no node
+    has that much, or when nothing else leaves ``data_cpus`` free); an unset
+    ``num_workers`` is as many as the nodes can place, at most :data:`DEFAULT_WORKERS`,
+    while ``data_cpus`` CPUs stay free for reading the data, counting ``trials``
+    concurrent Tune trials, and at least 1. What the spec set is kept as it is, so an
+    explicit request that cannot fit still fails in :func:`check_resources`.
+    """
+    if resources.num_workers is not None and resources.cpus_per_worker is not None:
+        return ResourceChoice(resources, None)
+    total = sum(node.get("CPU", 0.0) for node in nodes)
+    largest = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+    cpus = resources.cpus_per_worker
+    if cpus is None:
+        cpus = min(DEFAULT_CPUS_PER_WORKER, largest) if largest > 0 else DEFAULT_CPUS_PER_WORKER
+        if resources.num_workers is None and total - data_cpus > 0:
+            cpus = min(cpus, (total - data_cpus) / trials)  # one worker still fits
+    workers = resources.num_workers
+    if workers is None:
+        per_worker = worker_resources(resources.model_copy(update={"cpus_per_worker": cpus}))
+        placeable = sum(
+            min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in per_worker.items())
+            for node in nodes
+        )
+        room = math.floor((total - data_cpus) / cpus + 1e-9) if cpus > 0 else 0
+        workers = max(1, min(DEFAULT_WORKERS, placeable // trials, room // trials))
+    chosen = resources.model_copy(update={"num_workers": workers, "cpus_per_worker": cpus})
+    return ResourceChoice(chosen, _choice_reason(resources, chosen, nodes, data_cpus, trials))
+
+
+def _choice_reason(
+    asked: ResourcesSpec,
+    chosen: ResourcesSpec,
+    nodes: list[dict[str, float]],
+    data_cpus: float,
+    trials: int,
+) -> str:
+    """The run log's line on what :func:`fit_resources` chose and why."""
+    unset = [k for k in ("num_workers", "cpus_per_worker") if getattr(asked, k) is None]
+    total = sum(node.get("CPU", 0.0) for node in nodes)
+    largest = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+    each = f" for each of {trials} concurrent trials" if trials > 1 else ""
+    return (
+        f"training on {chosen.workers} worker(s) x {_fmt(worker_resources(chosen))}{each}: "
+        f"{' and '.join(unset)} not set, so chosen to fit the cluster ({len(nodes)} node(s), "
+        f"{total:g} CPUs, the largest {largest:g}) keeping {data_cpus:g} CPU free for reading "
+        f"the data (at most {DEFAULT_WORKERS} workers x {DEFAULT_CPUS_PER_WORKER:g} CPU)"
+    )
+
+
+def choose_resources(resources: ResourcesSpec, *, trials: int = 1) -> ResourceChoice:
+    """:func:`fit_resources` against the connected Ray cluster. On an autoscaling cluster
+    (``MLAAS4HEP_AUTOSCALING``) unset values take their defaults: the autoscaler adds nodes."""
+    if os.environ.get(AUTOSCALING_ENV, "").lower() in {"1", "true", "yes"}:
+        chosen = resources.model_copy(
+            update={"num_workers": resources.workers, "cpus_per_worker": resources.worker_cpus}
+        )
+        reason = None if chosen == resources else "autoscaling cluster: the default resources"
+        return ResourceChoice(chosen, reason)
+    return fit_resources(resources, _alive_nodes(), trials=trials)
+
+
+def fitted_to_cluster(spec: PipelineSpec, log: logging.Logger = logger) -> PipelineSpec:
+    """``spec`` with its resources fitted to the connected cluster (:func:`choose_resources`),
+    the choice logged to ``log``; ``spec`` itself when it set them all."""
+    trials = spec.tune.max_concurrent_trials if spec.tune else 1
+    choice = choose_resources(spec.resources, trials=trials)
+    if choice.reason is None:
+        return spec
+    log.info("%s", choice.reason)
+    return spec.model_copy(update={"resources": choice.resources})
 
 
 # --------------------------------------------------------------------------- worker loop
@@ -782,6 +886,7 @@ def train_model(
 
     if "train" not in datasets:
         raise ValueError(f"no 'train' dataset among {sorted(datasets)}")
+    spec = fitted_to_cluster(spec)
     check_resources(spec.resources)
     # A model file runs once, here, in the sandbox; its archive is loaded once in safe mode
     # so that a broken or unsafe model fails now (naming its file and line, or the refused
@@ -802,7 +907,7 @@ def train_model(
         "batch_size": spec.batch_size,
         "chunk_size": spec.chunk_events,
         "has_validation": has_validation,
-        "threads": max(1, int(spec.resources.cpus_per_worker)),
+        "threads": max(1, int(spec.resources.worker_cpus)),
     }
     monitor = "val_loss" if has_validation else "loss"
     os.environ.setdefault(*CONTROLLER_POLL)  # read by the Train controller when it starts
@@ -847,7 +952,7 @@ def train_model(
         history=history,
         epochs_run=len(history),
         kept_epoch=kept["epoch"],
-        num_workers=spec.resources.num_workers,
+        num_workers=spec.resources.workers,
     )
     return TrainResult(
         model_dir=model_dir,

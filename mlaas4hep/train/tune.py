@@ -139,9 +139,15 @@ def tune_model(
     """
     from ray import tune
 
-    from mlaas4hep.train.trainer import TrainingError, TrainResult, check_resources
+    from mlaas4hep.train.trainer import (
+        TrainingError,
+        TrainResult,
+        check_resources,
+        fitted_to_cluster,
+    )
 
     assert spec.tune is not None
+    spec = fitted_to_cluster(spec)
     check_resources(spec.resources)
     space = search_space(spec)
     trainable = tune.with_parameters(
