@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,15 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         key: getattr(args, key, None)
-        for key in ("host", "port", "storage", "num_cpus", "dashboard_port", "ray_port")
+        for key in (
+            "host",
+            "port",
+            "grpc_port",
+            "storage",
+            "num_cpus",
+            "dashboard_port",
+            "ray_port",
+        )
     }
     return load_settings(**overrides)
 
@@ -46,7 +55,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Start the embedded default: local Ray head, Serve apps, built-in issuer, storage."""
     import ray
 
-    from mlaas4hep.platform.cluster import connect, port_open, ray_env, start_head
+    from mlaas4hep.platform.cluster import (
+        HeadState,
+        connect,
+        head_is_running,
+        port_open,
+        ray_env,
+        start_head,
+    )
     from mlaas4hep.platform.storage import Storage
     from mlaas4hep.serve.apps import deploy
 
@@ -55,6 +71,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     for key, value in ray_env().items():
         os.environ.setdefault(key, value)
     os.environ["RAY_AUTH_MODE"] = "token"
+    grpc = settings.grpc_address
+    grpc_taken = grpc is not None and port_open(grpc.rsplit(":", 1)[0], settings.grpc_port)
+    if grpc_taken and not head_is_running(HeadState.load(settings)):
+        # The ingress replicas share the port (SO_REUSEPORT): another server there would
+        # silently get part of the connections.
+        print(
+            f"mlaas4hep up: gRPC port {settings.grpc_port} is taken by another process: "
+            "set MLAAS4HEP_GRPC_PORT (or --grpc-port; 0 turns gRPC off)",
+            file=sys.stderr,
+        )
+        return 1
     head = start_head(settings)
     if port_open(settings.host if settings.host != "0.0.0.0" else "127.0.0.1", settings.port):
         print(f"(port {settings.port} answers already; redeploying the applications)")
@@ -70,6 +97,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"mlaas4hep is up ({', '.join(names)})")
     print(f"  API:        {settings.api_url}/api/v1   (docs: {settings.api_url}/api/v1/docs)")
     print(f"  TFaaS:      {settings.api_url}/json, /models, /v2/...")
+    if settings.grpc_address:
+        print(f"  KServe gRPC: {settings.grpc_address}   (tritonclient.grpc, bearer token)")
     print(f"  dashboard:  {head.dashboard_url}")
     print(f"  storage:    {settings.storage}")
     if settings.uses_builtin_issuer:
@@ -141,14 +170,23 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def _load_spec_arg(args: argparse.Namespace):
-    from mlaas4hep.platform.config import load_spec, spec_from_mlaas4hep_inputs
+    from mlaas4hep.platform.config import (
+        MODEL_NAME_PATTERN,
+        load_spec,
+        spec_from_mlaas4hep_inputs,
+    )
 
     if getattr(args, "files", None):
         if not args.params:
             raise SystemExit("error: --files needs --params (MLaaS4HEP's params.json)")
-        return spec_from_mlaas4hep_inputs(
+        spec = spec_from_mlaas4hep_inputs(
             args.files, args.labels, args.params, args.model, getattr(args, "preproc", None)
         )
+        if getattr(args, "name", None):
+            if not re.match(MODEL_NAME_PATTERN, args.name):
+                raise SystemExit(f"error: --name {args.name!r}: use letters, digits and _.- (64)")
+            spec.name = args.name
+        return spec
     if not args.spec:
         raise SystemExit("error: give a SPEC file, or --files/--labels/--params/--model")
     return load_spec(args.spec)
@@ -527,6 +565,9 @@ class _closing:
 def _add_platform_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address of the HTTP API (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port of the HTTP API (default 8000)")
+    parser.add_argument(
+        "--grpc-port", type=int, help="port of the KServe v2 gRPC service (default 9000; 0: off)"
+    )
     parser.add_argument("--storage", help="storage root URI (default ~/.mlaas4hep/storage)")
 
 
@@ -545,6 +586,7 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", help="MLaaS4HEP params.json")
     parser.add_argument("--model", help="MLaaS4HEP model.py defining model(idim)")
     parser.add_argument("--preproc", help="MLaaS4HEP preproc.json")
+    parser.add_argument("--name", help="model name to register, with --files (default: model)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,7 +67,11 @@ def platform_settings(platform_home: Path, tmp_path_factory: pytest.TempPathFact
     os.environ["MLAAS4HEP_ALLOWED_DATA_HOSTS"] = f"root://127.0.0.1:{SESSION_XROOTD_PORT}"
 
     return load_settings(
-        port=free_port(), ray_port=free_port(), dashboard_port=free_port(), num_cpus=6
+        port=free_port(),
+        grpc_port=free_port(),
+        ray_port=free_port(),
+        dashboard_port=free_port(),
+        num_cpus=6,
     )
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import uproot
+from model_format_fixtures import dense_model, write_format_bundle
 from serve_fixtures import local_predict, make_bundle
 
 from mlaas4hep.cli import main
@@ -93,6 +96,29 @@ def test_predict_files_refuses_bundles_without_specs_and_files_without_the_branc
     assert code == 1
     error = capsys.readouterr().err
     assert "uproot-HZZ.root" in error and "MET_pt" in error
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "graphdef"])
+def test_predict_files_scores_bundles_of_every_model_format_like_the_model(
+    ray_cluster, demo_files, tmp_path, fmt
+):
+    from mlaas4hep.serve.batch_predict import predict_files
+
+    model = dense_model(seed=8, n_features=5)
+    bundle = write_format_bundle(model, fmt, tmp_path / fmt, f"demo-{fmt}")
+    (bundle / "specs.json").write_text(json.dumps(DEMO_SPECS))
+    out = tmp_path / "out"
+    result = predict_files(
+        str(bundle), demo_files[:1], str(out), identifiers=["event"], cpus_per_actor=0.25
+    )
+    assert result.columns == ["event", "file", "score_background", "score_signal"]
+    arrays = uproot.open(demo_files[0])[DEMO_TREE].arrays(["event", "MET_pt", "HT", "Jet_pt"])
+    columns = {key: arrays[key] for key in ("MET_pt", "HT", "Jet_pt")}
+    features, _ = flatten_columns(columns, FeatureSpecs.from_dict(DEMO_SPECS))
+    expected = np.asarray(model(to_model_input(features), training=False))
+    table = pq.read_table(out).to_pandas().sort_values("event")
+    order = np.argsort(arrays["event"].to_numpy())
+    np.testing.assert_allclose(table.score_signal.to_numpy(), expected[order, 1], atol=1e-4)
 
 
 @pytest.fixture

@@ -207,10 +207,17 @@ def test_bundle_files_round_trip_between_processes(tmp_path):
     ("name", "data", "message"),
     [
         ("model.keras", b"not a zip", "model file 'model.keras' cannot be loaded"),
-        ("model.pb", b"x", "expected a .keras or .h5 file or a SavedModel folder"),
+        ("model.bin", b"x", "expected a .keras, .h5, .pb or .onnx file or a SavedModel folder"),
+        ("model.pb", b"x", "but it is no model format"),
+        ("model.onnx", b"\x08\x07\x12\x04junk\xff\xff", "model.onnx: not a valid ONNX model"),
+        ("model.pb", b"\x0a\x03\x0a\x01\xff\xff", "model.pb: not a valid frozen TensorFlow graph"),
+        ("model.keras", b"PK\x03\x04broken", "model.keras: not a valid .keras archive"),
+        ("model.h5", b"\x89HDF\r\n\x1a\nbroken", "model.h5: not a readable HDF5 file"),
     ],
 )
-def test_unloadable_model_files_are_bundle_errors(tmp_path, name, data, message):
+def test_unloadable_or_corrupt_model_files_are_bundle_errors_naming_them(
+    tmp_path, name, data, message
+):
     (tmp_path / "params.json").write_text(json.dumps({"name": "bad", "model": name}))
     (tmp_path / name).write_bytes(data)
     with pytest.raises(BundleError, match=re.escape(message)):

@@ -70,6 +70,7 @@ def test_bundle_files_carry_tfaas_params_and_metadata(trained, tmp_path):
     assert set(params) == {
         "name",
         "model",
+        "format",
         "labels",
         "inputNode",
         "outputNode",
@@ -77,7 +78,7 @@ def test_bundle_files_carry_tfaas_params_and_metadata(trained, tmp_path):
         "timestamp",
     }
     assert params["name"] == "higgs"
-    assert params["model"] == "model.keras"
+    assert params["model"] == "model.keras" and params["format"] == "tf_keras"
     assert (out / params["labels"]).read_text() == "0\n1\n"
     assert json.loads((out / "specs.json").read_text())["fkeys"] == FEATURES
 

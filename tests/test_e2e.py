@@ -15,11 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from mlaas4hep_examples import NANOAOD, mlaas4hep_example
 
 from mlaas4hep.client import ClientError, PlatformClient
 from mlaas4hep.platform.cluster import ray_env, ray_token
 from mlaas4hep.platform.issuer import LocalIssuer, builtin_issuer
-from mlaas4hep.quickstart import predict_event, write_demo_inputs
+from mlaas4hep.quickstart import DEMO_MODEL, predict_event, write_demo_inputs
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +30,9 @@ def platform(serve_url, platform_settings):
     """Every Serve application of the platform, deployed on the session's head."""
     from mlaas4hep.serve.apps import deploy
 
-    deploy(platform_settings)
+    with pytest.MonkeyPatch.context() as patch:  # one ingress replica: the suite's CPUs are few
+        patch.setenv("MLAAS4HEP_TFAAS_INGRESS_MIN_REPLICAS", "1")
+        deploy(platform_settings)
     return platform_settings
 
 
@@ -195,9 +198,14 @@ def test_failure_inside_the_job_shows_in_the_pipeline_status(client, demo_spec):
     assert "boom" in final["message"]
 
 
-def test_ray_job_submit_of_mlaas4hep_run_registers_a_listed_model(client, platform, demo_spec):
-    spec_path = demo_spec.parent / "spec-cli.yaml"
-    spec_path.write_text(demo_spec.read_text().replace("name: demo", "name: demo-cli"))
+def test_ray_job_submit_of_mlaas4hep_run_on_mlaas4hep_inputs_registers_a_listed_model(
+    client, platform, shared_data, tmp_path
+):
+    """MLaaS4HEP's workflow recipe (params.json as it is, the file list on the shared data)
+    through ``ray job submit -- mlaas4hep run --files --labels --params --model``, with no
+    worker count given: the run log says what it chose and which keys it ignored."""
+    folder = mlaas4hep_example(tmp_path, "recipe", files=[str(shared_data / NANOAOD)] * 2)
+    (folder / "model.py").write_text(DEMO_MODEL)
     env = {**ray_env(), "RAY_AUTH_MODE": "token"}
     command = [
         str(Path(sys.executable).parent / "ray"),
@@ -208,19 +216,49 @@ def test_ray_job_submit_of_mlaas4hep_run_registers_a_listed_model(client, platfo
         "--",
         "mlaas4hep",
         "run",
-        str(spec_path),
-        "--owner",
-        client.whoami()["owner"],
+        *("--files", str(folder / "files.txt"), "--labels", str(folder / "labels.txt")),
+        *("--params", str(folder / "params.json"), "--model", str(folder / "model.py")),
+        *("--name", "recipe-cli", "--owner", client.whoami()["owner"]),
     ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        names = json.dumps(client.models())
-        if "demo-cli" in names:
-            break
+    while "recipe-cli" not in json.dumps(client.models()):
+        assert time.monotonic() < deadline, client.models()
         time.sleep(2)
-    assert "demo-cli" in json.dumps(client.models())
+    record = next(r for r in client.pipelines() if r["name"] == "recipe-cli")
+    log = client.logs(record["id"])
+    assert "spec keys accepted and ignored: MLaaS4HEP keys with no use here: hist" in log
+    assert "training on 2 worker(s) x {CPU: 1}: num_workers and cpus_per_worker not set" in log
+    spec = json.loads(client.artifact(record["id"], "spec.json"))
+    assert spec["shuffle"] == "blocks" and spec["epochs"] == 5 and spec["hist"] == "pdfs"
+
+
+def test_mlaas4hep_submit_files_sends_mlaas4hep_params_as_they_are(
+    client, platform, issuer, shared_data, tmp_path
+):
+    """``mlaas4hep submit --files ...`` with MLaaS4HEP's src/python params.json (its
+    redirector beside local files, ``shuffle: true``, ``hist``) is accepted and queued;
+    cancelled before it trains (the recipe above trains)."""
+    from mlaas4hep.cli import main
+
+    folder = mlaas4hep_example(tmp_path, "src_python", files=[str(shared_data / NANOAOD)] * 2)
+    (folder / "model.py").write_text(DEMO_MODEL)
+    argv = ["submit", "--url", platform.api_url, "--token", issuer.mint("alice")]
+    argv += ["--files", str(folder / "files.txt"), "--labels", str(folder / "labels.txt")]
+    argv += ["--params", str(folder / "params.json"), "--model", str(folder / "model.py")]
+    assert main([*argv, "--name", "src-python-submit"]) == 0
+    record = next(r for r in client.pipelines() if r["name"] == "src-python-submit")
+    client.cancel(record["id"])
+    spec = json.loads(client.artifact(record["id"], "spec.json"))
+    assert spec["shuffle"] == "blocks" and spec["redirector"] == "root://cms-xrd-global.cern.ch"
+    assert (spec["nevts"], spec["chunk_size"], spec["epochs"], spec["batch_size"]) == (
+        3000,
+        1000,
+        50,
+        256,
+    )
+    assert spec["resources"]["num_workers"] is None and spec["hist"] == "pdfs"
 
 
 def _resume_when_stopped(client, run_id: str, timeout: float = 120) -> dict:

@@ -702,3 +702,29 @@ def test_pipeline_in_a_rayjob_stages_its_bundle_and_the_api_registers_it(
     version = ModelRegistry(storage).get("staged")
     assert ModelRegistry(storage).record("staged").owner == OWNER
     assert (Path(version.path) / "model.keras").is_file()
+
+
+@pytest.mark.parametrize("overlay", ["dev", "gpu"])
+def test_kserve_grpc_service_reaches_every_pod_that_runs_serve_replicas(overlay: str) -> None:
+    objects = _objects(overlay)
+    settings = objects[("ConfigMap", "mlaas4hep-settings")]["data"]
+    port = int(settings["MLAAS4HEP_GRPC_PORT"])
+    assert settings["MLAAS4HEP_GRPC_HOST"] == "0.0.0.0"
+    service = objects[("Service", "mlaas4hep-grpc")]["spec"]
+    assert [(p["port"], p["targetPort"]) for p in service["ports"]] == [(port, "grpc")]
+    cluster = objects[("RayService", "mlaas4hep")]["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        if group["rayStartParams"].get("num-cpus") == "0":
+            continue  # runs no Serve replica
+        template = group["template"]
+        labels = template.get("metadata", {}).get("labels", {})
+        assert service["selector"].items() <= labels.items(), group.get("groupName", "head")
+        ports = template["spec"]["containers"][0]["ports"]
+        assert {"name": "grpc", "containerPort": port} in ports
+    ingress = objects[("Ingress", "mlaas4hep-grpc")]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == (
+        "GRPC"
+    )
+    policy = objects[("NetworkPolicy", "ray-internal")]["spec"]["ingress"]
+    assert any({"protocol": "TCP", "port": port} in rule.get("ports", []) for rule in policy)

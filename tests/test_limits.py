@@ -88,6 +88,7 @@ def apps(serve_url, platform_settings, tmp_path_factory) -> Iterator[Apps]:
             "user_quota_bytes": QUOTA,
             # No cluster takes the pipelines: a submission is recorded, then answers 503.
             "dashboard_url": f"http://127.0.0.1:{free_port()}",
+            "grpc_port": 0,  # the session's gRPC port belongs to the session's TFaaS app
         }
     )
     actor = {"num_cpus": 0.05, "runtime_env": {"env_vars": {"TMPDIR": str(tmp)}}}

@@ -1,10 +1,12 @@
 """Per-replica caches of the inference service: registry lookups under the registry's
-stamp, loaded bundles by model id, and the numpy forward pass of dense models."""
+stamp, loaded bundles by model id, the numpy forward pass of dense models, and the
+micro-batcher that merges concurrent small predictions."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from serve_fixtures import local_predict, make_bundle, make_image_bundle
 from mlaas4hep.platform.registry import ModelNotFound, ModelRegistry
 from mlaas4hep.platform.storage import Storage
 from mlaas4hep.serve.bundle import load_bundle
+from mlaas4hep.serve.microbatch import PROBE_CALLS, MicroBatcher
 from mlaas4hep.serve.model_cache import LookupCache, ModelCache, parse_model_id
 
 ROWS = np.random.default_rng(3).normal(size=(7, 4)).astype(np.float32)
@@ -141,3 +144,77 @@ def test_other_models_are_predicted_by_tensorflow(tmp_path):
     pixels = np.random.default_rng(0).random((2, 64)).astype(np.float32)
     expected = local_predict(bundle, pixels.reshape(2, 8, 8, 1))
     np.testing.assert_allclose(model.predict(pixels), expected, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- micro-batching
+
+
+async def _concurrently(batcher: MicroBatcher, matrices: list[np.ndarray]) -> list[Any]:
+    """Each matrix predicted by its own concurrent caller: outputs or the exceptions raised."""
+    return await asyncio.gather(*(batcher.predict(m) for m in matrices), return_exceptions=True)
+
+
+def test_concurrent_single_rows_of_a_graph_model_share_one_call_and_get_their_own_rows(
+    registry, tmp_path
+):
+    bundle = make_image_bundle(tmp_path / "img", "img")
+    registry.register("img", bundle, owner="alice")
+    model_id = LookupCache(registry).lookup("img").model_id
+    models = ModelCache(registry, batch_above_s=0)
+    model = asyncio.run(models.get(model_id))
+    rows = [row[None, :] for row in np.random.default_rng(1).random((32, 64), dtype=np.float32)]
+    batcher = models.batcher(model_id)
+
+    outputs = asyncio.run(_concurrently(batcher, rows))
+
+    assert (batcher.calls, batcher.rows) == (1, 32)
+    expected = model.predict(np.concatenate(rows))
+    for i, out in enumerate(outputs):
+        np.testing.assert_allclose(out, expected[i : i + 1], rtol=1e-5, atol=1e-7)
+
+
+def _doubled_unless_negative(matrix: np.ndarray) -> np.ndarray:
+    """A model that refuses rows with a negative value, else answers twice its inputs."""
+    if (matrix < 0).any():
+        raise ValueError(f"negative input among {len(matrix)} rows")
+    return matrix * 2
+
+
+def test_a_merged_call_that_fails_answers_each_caller_its_own_rows_or_error():
+    batcher = MicroBatcher(_doubled_unless_negative, batch_above_s=0)
+    matrices = [np.full((1, 3), v, dtype=np.float32) for v in (1.0, -1.0, 2.0, 3.0)]
+
+    outputs = asyncio.run(_concurrently(batcher, matrices))
+
+    assert isinstance(outputs[1], ValueError) and "among 1 rows" in str(outputs[1])
+    for i in (0, 2, 3):
+        np.testing.assert_array_equal(outputs[i], matrices[i] * 2)
+
+
+def test_merged_calls_take_at_most_max_rows_and_keep_arrival_order():
+    seen: list[int] = []
+
+    def model(matrix: np.ndarray) -> np.ndarray:
+        seen.append(len(matrix))
+        return matrix[:, :1]
+
+    batcher = MicroBatcher(model, max_rows=8, batch_above_s=0)
+    matrices = [np.full((3, 2), i, dtype=np.float32) for i in range(10)]
+
+    outputs = asyncio.run(_concurrently(batcher, matrices))
+
+    assert seen == [6, 6, 6, 6, 6]  # two 3-row requests a call: a third would make 9
+    assert [float(out[0, 0]) for out in outputs] == list(range(10))
+
+
+@pytest.mark.parametrize(("batch_above_s", "merged"), [(60.0, False), (1e-12, True)])
+def test_only_models_whose_call_costs_more_than_the_threshold_are_merged(batch_above_s, merged):
+    batcher = MicroBatcher(_doubled_unless_negative, batch_above_s=batch_above_s)
+    probes = [np.ones((1, 2), dtype=np.float32)] * PROBE_CALLS
+    asyncio.run(_concurrently(batcher, probes))  # timed one by one on the event loop
+    assert batcher.calls == PROBE_CALLS
+
+    asyncio.run(_concurrently(batcher, [np.ones((1, 2), dtype=np.float32)] * 16))
+
+    assert batcher.batching is merged
+    assert batcher.calls == PROBE_CALLS + (1 if merged else 16)

@@ -188,9 +188,11 @@ def test_model_visibility_is_set_by_its_owner_and_hides_private_models(api, toke
     alice = call(api, tokens, "alice", "GET", "/api/v1/whoami").json()["owner"]
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "params.json").write_text(json.dumps({"model": "model.keras"}))
+    (bundle / "params.json").write_text(json.dumps({"model": "model.keras", "format": "keras"}))
     (bundle / "model.keras").write_bytes(b"weights")
     ModelRegistry(storage).register("tenantmodel", bundle, alice)
+    shown = call(api, tokens, "alice", "GET", "/api/v1/models/tenantmodel").json()
+    assert shown["format"] == "keras"  # what `mlaas4hep models show` prints
     assert call(api, tokens, "bob", "GET", "/api/v1/models/tenantmodel").status_code == 404
     assert call(api, tokens, "bob", "GET", "/api/v1/models/tenantmodel/bundle").status_code == 404
     assert "tenantmodel" not in str(call(api, tokens, "bob", "GET", "/api/v1/models").json())

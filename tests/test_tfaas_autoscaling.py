@@ -38,6 +38,7 @@ def autoscaled(tfaas, platform_settings, tmp_path):
     options = TFaaSOptions(
         model_min_replicas=1,
         model_max_replicas=2,
+        ingress_min_replicas=1,
         ingress_max_replicas=1,
         target_ongoing_requests=1,
         upscale_delay_s=0.5,
@@ -45,7 +46,8 @@ def autoscaled(tfaas, platform_settings, tmp_path):
         look_back_period_s=1.0,
         metrics_interval_s=0.5,
     )
-    serve.run(tfaas_application(platform_settings, options), name=APP, route_prefix=PREFIX)
+    settings = platform_settings.model_copy(update={"grpc_port": 0})  # the session app's port
+    serve.run(tfaas_application(settings, options), name=APP, route_prefix=PREFIX)
     tfaas.registry.register("burst", make_bundle(tmp_path / "b", "burst"), owner=tfaas.owner())
     yield tfaas.url.removesuffix(ROUTE_PREFIX) + PREFIX
     serve.delete(APP)

@@ -160,6 +160,7 @@ def loopback_settings(home: Path, num_cpus: int, **overrides) -> Settings:
         home=str(home),
         storage=str(home / "storage"),
         port=free_port(),
+        grpc_port=free_port(),
         ray_port=free_port(),
         dashboard_port=free_port(),
         num_cpus=num_cpus,
@@ -199,7 +200,8 @@ def head_is_running(state: HeadState | None) -> bool:
 
 
 def start_head(settings: Settings, timeout: float = 120.0) -> HeadState:
-    """Start a Ray head on loopback with token authentication, or reuse the running one."""
+    """Start a Ray head on loopback with token authentication, or reuse the running one;
+    its worker processes (Serve replicas, HAProxy) run at ``settings.worker_niceness``."""
     state = HeadState.load(settings)
     if head_is_running(state):
         return state  # type: ignore[return-value]
@@ -237,7 +239,8 @@ def start_head(settings: Settings, timeout: float = 120.0) -> HeadState:
     proxy_env = serve_proxy_env(settings)
     if proxy_env:
         haproxy_dir(settings).mkdir(parents=True, exist_ok=True)
-    status = _ray_start(command, log_path, timeout, cleanup, {**ray_env(), **proxy_env})
+    env = {**ray_env(), **proxy_env, "RAY_worker_niceness": str(settings.worker_niceness)}
+    status = _ray_start(command, log_path, timeout, cleanup, env)
     if status != 0:
         tail = log_path.read_text()[-2000:]
         raise ClusterError(f"ray start failed ({status}); see {log_path}:\n{tail}")

@@ -1,4 +1,5 @@
-"""Safe model files: check a user's Keras/SavedModel file before any loader sees it.
+"""Safe model files: check a user's model file (Keras, SavedModel, frozen graph, ONNX)
+before any loader sees it.
 
 Every model file a tenant supplies (TFaaS uploads, registry bundles loaded by Serve
 replicas and batch predictions, the ``.keras`` archive a sandboxed ``model.py`` hands
@@ -51,8 +52,17 @@ The rules:
   object can reach (not the saver's own save/restore functions: TensorFlow 2's loader
   restores variables with ops of its own); its ``keras_metadata.pb`` layer configs
   follow the config rules above.
-* ``.keras`` must be a zip archive, ``.h5``/``.hdf5`` an HDF5 file, a folder a
-  SavedModel: the loader a name picks reads only the format that was checked.
+* frozen graphs (``.pb`` GraphDef): every op of the graph and its function library
+  passes the SavedModel op rules above, is built into TensorFlow (no custom op
+  libraries) and is stateless (constants only: no variables, random state, queues, I/O
+  or Python calls).
+* ONNX: operator sets and nodes (subgraphs too) of the standard domains
+  :data:`ONNX_DOMAINS` only, no model-local functions, no tensor in an external data file.
+* ``.keras`` must be a zip archive, ``.h5``/``.hdf5`` an HDF5 file, ``.pb`` a GraphDef,
+  ``.onnx`` an ONNX model, a folder a SavedModel, and params.json's ``format`` (if given)
+  must agree (:func:`model_format`): the loader a name picks reads only the format that
+  was checked. A Keras 3 archive (``metadata.json`` ``keras_version`` 3.x) is loaded with
+  Keras 3 (:func:`load_keras3_model`), a tf_keras one with tf_keras.
 """
 
 from __future__ import annotations
@@ -393,57 +403,158 @@ def _pure_tf_function(path: str) -> bool:
 ZIP_MAGIC = b"PK\x03\x04"
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
+#: Model formats by the name params.json's ``format`` and ``/models`` give them.
+MODEL_FORMATS = {
+    "tf_keras": "a tf_keras (Keras 2) .keras archive or .h5/.hdf5 file",
+    "keras": "a Keras 3 .keras archive",
+    "savedmodel": "a TensorFlow SavedModel folder (saved_model.pb)",
+    "graphdef": "a frozen TensorFlow graph .pb file (GraphDef)",
+    "onnx": "an ONNX .onnx file",
+}
+#: Formats a model file's name allows, by suffix (a folder is a SavedModel).
+SUFFIX_FORMATS = {
+    ".keras": ("tf_keras", "keras"),
+    ".h5": ("tf_keras", "keras"),
+    ".hdf5": ("tf_keras", "keras"),
+    ".pb": ("graphdef",),
+    ".onnx": ("onnx",),
+}
+#: What a file's content is when it is no model format at all (for messages).
+_CONTENT_NAMES = {
+    "zip": "a zip archive (a .keras model?)",
+    "hdf5": "an HDF5 file (a .h5 model?)",
+    "graphdef": "a TensorFlow GraphDef (a .pb model?)",
+    "onnx": "an ONNX model (a .onnx model?)",
+    "unknown": "no model format (not a zip archive, HDF5 file or protobuf model)",
+}
 
-def model_format(path: Path) -> str:
-    """``"keras"``, ``"h5"`` or ``"savedmodel"`` for the model at ``path``, judged by its
-    content and required to agree with its name; :class:`UnsafeModelError` otherwise."""
+
+def model_format(path: Path, declared: str | None = None) -> str:
+    """The format of the model at ``path`` (a key of :data:`MODEL_FORMATS`), judged by
+    its content and required to agree with its name and with ``declared`` (params.json's
+    ``format``, if any); :class:`UnsafeModelError` naming the file and what was expected."""
     name = path.name
+    if declared is not None and (not isinstance(declared, str) or declared not in MODEL_FORMATS):
+        raise UnsafeModelError(
+            f"params.json 'format' {declared!r} is not one of {', '.join(MODEL_FORMATS)}"
+        )
     if path.is_dir():
         if not (path / "saved_model.pb").is_file():
             raise UnsafeModelError(
                 f"model folder {name!r} cannot be loaded: not a SavedModel (no saved_model.pb)"
             )
-        return "savedmodel"
-    if not path.is_file():
+        found = "savedmodel"
+    elif not path.is_file():
         raise UnsafeModelError(f"{name}: not a model file")
+    elif name == "saved_model.pb":
+        raise UnsafeModelError(
+            f"model file {name!r} is the graph of a SavedModel: params.json 'model' must "
+            f"name the SavedModel folder ({path.parent.name!r})"
+        )
+    else:
+        allowed = SUFFIX_FORMATS.get(path.suffix.lower())
+        if allowed is None:
+            raise UnsafeModelError(
+                f"model file {name!r} cannot be loaded: expected a .keras, .h5, .pb or .onnx "
+                "file or a SavedModel folder"
+            )
+        content = _file_content(path)
+        found = _keras_flavour(path, content) if content in ("zip", "hdf5") else content
+        if found not in allowed:
+            expected = " or ".join(MODEL_FORMATS[f] for f in allowed)
+            what = _CONTENT_NAMES.get(content, MODEL_FORMATS.get(found, content))
+            raise UnsafeModelError(
+                f"model file {name!r} cannot be loaded: by name and content it must be "
+                f"{expected}, but it is {what}"
+            )
+    if declared is not None and declared != found:
+        raise UnsafeModelError(
+            f"params.json 'format' declares {declared!r} ({MODEL_FORMATS[declared]}) but "
+            f"model {name!r} is {found!r} ({MODEL_FORMATS[found]})"
+        )
+    return found
+
+
+def _file_content(path: Path) -> str:
+    """What the first bytes of ``path`` say: ``zip``, ``hdf5``, ``onnx`` (a protobuf whose
+    first field is ONNX's ``ir_version``), ``graphdef`` (one starting with a node or the
+    library) or ``unknown``."""
     with path.open("rb") as stream:
         head = stream.read(8)
-    if path.suffix == ".keras" and head.startswith(ZIP_MAGIC):
-        return "keras"
-    if path.suffix in (".h5", ".hdf5") and head == HDF5_MAGIC:
-        return "h5"
-    raise UnsafeModelError(
-        f"model file {name!r} cannot be loaded: expected a .keras or .h5 file or a SavedModel "
-        "folder (by name and content: a .keras zip archive, a .h5/.hdf5 HDF5 file)"
-    )
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if head == HDF5_MAGIC:
+        return "hdf5"
+    if head[:1] == b"\x08":
+        return "onnx"
+    if head[:1] in (b"\x0a", b"\x12", b"\x22"):
+        return "graphdef"
+    return "unknown"
+
+
+def _keras_flavour(path: Path, content: str) -> str:
+    """``keras`` (Keras 3) or ``tf_keras`` for a .keras zip archive or a .h5 HDF5 file, by
+    the Keras version its metadata names (``metadata.json``, the HDF5 ``keras_version``);
+    ``unknown`` when the content does not fit the name."""
+    archive_name = path.suffix.lower() == ".keras"
+    if archive_name != (content == "zip"):
+        return "unknown"
+    version: Any = None
+    try:
+        if archive_name:
+            with zipfile.ZipFile(path) as archive:
+                info = archive.getinfo("metadata.json")
+                if info.file_size <= MAX_CONFIG_BYTES:
+                    version = json.loads(archive.read(info)).get("keras_version")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                version = handle.attrs.get("keras_version")
+    except (KeyError, zipfile.BadZipFile, OSError, ValueError, AttributeError):
+        return "tf_keras"  # no readable metadata: the tf_keras checks say what is wrong
+    if isinstance(version, bytes):
+        version = version.decode("utf-8", errors="replace")
+    return "keras" if isinstance(version, str) and version.startswith("3.") else "tf_keras"
 
 
 def check_model_file(
-    path: Path, allowed: Collection[str] | None = None, *, compile: bool = True
-) -> None:
+    path: Path,
+    allowed: Collection[str] | None = None,
+    *,
+    compile: bool = True,
+    declared: str | None = None,
+) -> str:
     """Check the model at ``path`` before any loader sees it: a ``.keras`` archive (its
     config.json, nothing unpacked), a ``.h5`` (its ``model_config`` and
-    ``training_config`` attributes, read with h5py) or a SavedModel folder (its
+    ``training_config`` attributes, read with h5py), a SavedModel folder (its
     ``keras_metadata.pb`` configs and the ops of every function its signatures and
-    objects reach). ``allowed``: layer classes let through (None: the operator's setting
-    ``allowed_model_layers``); without ``compile`` the training config (optimizer, loss,
-    metrics), which a loader then ignores, is not checked. Raises
+    objects reach), a frozen graph ``.pb`` (:func:`check_graphdef`) or an ONNX file
+    (:func:`check_onnx`). ``allowed``: layer classes let through (None: the operator's
+    setting ``allowed_model_layers``); without ``compile`` the training config (optimizer,
+    loss, metrics), which a loader then ignores, is not checked; ``declared``: the format
+    params.json names. Returns the format (:func:`model_format`); raises
     :class:`UnsafeModelError` naming the file, layer/op and rule."""
     path = Path(path)
     allowed = operator_allowed_layers() if allowed is None else allowed
-    kind = model_format(path)
-    if kind == "keras":
+    kind = model_format(path, declared)
+    if kind == "savedmodel":
+        check_saved_model(path, allowed)
+    elif kind == "graphdef":
+        check_graphdef(path)
+    elif kind == "onnx":
+        check_onnx(path)
+    elif path.suffix.lower() == ".keras":
         config = _archive_config(path)
         if not compile:
-            config.pop("compile_config", None)  # as tf_keras's loader drops it
+            config.pop("compile_config", None)  # as the loaders drop it
         check_keras_config(config, f"{path.name} (config.json)", allowed)
-    elif kind == "h5":
+    else:
         model_config, training_config = _h5_configs(path)
         check_keras_config(model_config, f"{path.name} (model_config)", allowed)
         if training_config is not None and compile:
             check_keras_config(training_config, f"{path.name} (training_config)", allowed)
-    else:
-        check_saved_model(path, allowed)
+    return kind
 
 
 def _archive_config(path: Path) -> dict:
@@ -577,7 +688,7 @@ def _check_op(op: str, where: str, source: str) -> None:
     """Refuse ``op`` (found at ``where`` in ``source``) when it is or contains a refused op."""
     if op in REFUSED_OPS or any(part in op for part in REFUSED_OP_PARTS):
         raise UnsafeModelError(
-            f"{source}: op {op!r} ({where}) is refused: SavedModel graphs may not read or "
+            f"{source}: op {op!r} ({where}) is refused: model graphs may not read or "
             "write files, call Python, print, or talk to other processes"
         )
 
@@ -594,6 +705,125 @@ def _check_keras_metadata(path: Path, source: str, allowed: Collection[str]) -> 
     for node in metadata.nodes:
         data = _json(node.metadata, f"{source} node {node.node_path!r}")
         check_keras_config(data, f"{source} node {node.node_path!r}", allowed)
+
+
+# --------------------------------------------------------------------------- frozen graphs
+
+
+def read_graphdef(path: Path) -> Any:
+    """The ``GraphDef`` of the frozen graph file ``path``; :class:`UnsafeModelError` when
+    it does not parse or holds no node."""
+    import tensorflow as tf  # registers the ops that check_graphdef looks up
+
+    graph = tf.compat.v1.GraphDef()
+    try:
+        graph.ParseFromString(path.read_bytes())
+    except Exception as error:  # protobuf raises DecodeError and others
+        raise UnsafeModelError(
+            f"{path.name}: not a valid frozen TensorFlow graph (GraphDef): {error}"
+        ) from None
+    if not graph.node:
+        raise UnsafeModelError(f"{path.name}: the frozen TensorFlow graph (GraphDef) has no node")
+    return graph
+
+
+def check_graphdef(path: Path) -> None:
+    """Check every op of a frozen graph ``.pb`` (its nodes and its library's functions):
+    none of :data:`REFUSED_OPS` / :data:`REFUSED_OP_PARTS`, only ops built into
+    TensorFlow (no custom op libraries), and only stateless ones (a frozen graph holds
+    constants, not variables, random state, queues, I/O or Python calls)."""
+    from tensorflow.python.framework import op_def_registry
+
+    graph = read_graphdef(path)
+    source = f"{path.name} (GraphDef)"
+    functions = {fn.signature.name for fn in graph.library.function}
+    nodes = [(node, f"graph node {node.name!r}") for node in graph.node] + [
+        (node, f"node {node.name!r} of function {fn.signature.name!r}")
+        for fn in graph.library.function
+        for node in fn.node_def
+    ]
+    for node, where in nodes:
+        _check_op(node.op, where, source)
+        if node.op in functions:
+            continue
+        op_def = op_def_registry.get(node.op)
+        if op_def is None:
+            raise UnsafeModelError(
+                f"{source}: op {node.op!r} ({where}) is refused: not an op built into "
+                "TensorFlow (custom op libraries are not loaded)"
+            )
+        if op_def.is_stateful:
+            raise UnsafeModelError(
+                f"{source}: op {node.op!r} ({where}) is refused: a frozen graph may hold "
+                "only stateless ops (no variables, random state, I/O or Python calls)"
+            )
+
+
+# --------------------------------------------------------------------------- ONNX
+
+#: ONNX operator domains a model may use: the standard ones, no custom op libraries.
+ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+
+
+def read_onnx(path: Path) -> Any:
+    """The ``onnx.ModelProto`` of ``path``, parsed from its bytes (no external data file is
+    read); :class:`UnsafeModelError` when it does not parse or has no graph node."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(path.read_bytes())
+    except Exception as error:  # protobuf raises DecodeError and others
+        raise UnsafeModelError(f"{path.name}: not a valid ONNX model: {error}") from None
+    if model.ir_version <= 0 or not model.graph.node:
+        raise UnsafeModelError(f"{path.name}: not a valid ONNX model (no ir_version or no node)")
+    return model
+
+
+def check_onnx(path: Path) -> None:
+    """Check an ONNX model: operator sets and every node (subgraphs included) of the
+    standard domains :data:`ONNX_DOMAINS` only, no model-local functions, and no tensor
+    stored in an external data file (which the runtime would read from a path)."""
+    model = read_onnx(path)
+    source = f"{path.name} (ONNX)"
+    for opset in model.opset_import:
+        if opset.domain not in ONNX_DOMAINS:
+            raise UnsafeModelError(
+                f"{source}: operator set domain {opset.domain!r} is refused: only the "
+                "standard ONNX domains ('', 'ai.onnx', 'ai.onnx.ml'), no custom ops"
+            )
+    if model.functions:
+        raise UnsafeModelError(
+            f"{source}: model-local function {model.functions[0].name!r} is refused: "
+            "only standard ONNX operators"
+        )
+    _check_onnx_graph(model.graph, source)
+
+
+def _sparse_parts(sparse: Any) -> list[Any]:
+    """The values and indices tensors of ONNX sparse tensors."""
+    return [t for s in sparse for t in (s.values, s.indices)]
+
+
+def _check_onnx_graph(graph: Any, source: str) -> None:
+    """Refuse custom-domain nodes and external tensors in ``graph`` and its subgraphs."""
+    tensors = [*graph.initializer, *_sparse_parts(graph.sparse_initializer)]
+    for node in graph.node:
+        if node.domain not in ONNX_DOMAINS:
+            raise UnsafeModelError(
+                f"{source}: node {node.name!r} ({node.domain}.{node.op_type}) is refused: "
+                "only standard ONNX operators, no custom op domains"
+            )
+        for attr in node.attribute:
+            tensors += [attr.t, *attr.tensors]
+            tensors += _sparse_parts([attr.sparse_tensor, *attr.sparse_tensors])
+            for sub in (attr.g, *attr.graphs):
+                _check_onnx_graph(sub, source)
+    for tensor in tensors:
+        if tensor.external_data or tensor.data_location == 1:  # TensorProto.EXTERNAL
+            raise UnsafeModelError(
+                f"{source}: tensor {tensor.name!r} is refused: its data is in an external "
+                "file (bundle one self-contained .onnx file)"
+            )
 
 
 # --------------------------------------------------------------------------- loading
@@ -627,7 +857,9 @@ def load_keras_model(
     """
     path = Path(path)
     allowed = operator_allowed_layers() if allowed is None else allowed
-    check_model_file(path, allowed, compile=compile)
+    kind = check_model_file(path, allowed, compile=compile)
+    if kind not in ("tf_keras", "savedmodel"):
+        raise UnsafeModelError(f"{path.name}: {MODEL_FORMATS[kind]}, not a tf_keras model")
     tf_keras = import_tf_keras()
     from tf_keras.src.saving.serialization_lib import SafeModeScope
 
@@ -636,3 +868,22 @@ def load_keras_model(
         if path.suffix == ".keras":
             return tf_keras.models.load_model(str(path), compile=compile, safe_mode=safe)
         return tf_keras.models.load_model(str(path), compile=compile)
+
+
+def load_keras3_model(path: Path, *, allowed: Collection[str] | None = None) -> Any:
+    """:func:`check_model_file`, then load the Keras 3 archive ``path`` with Keras 3
+    (``keras.saving.load_model``, safe mode, not compiled); ``allowed`` as for
+    :func:`check_model_file`. Returns the Keras 3 model.
+
+    Raises :class:`UnsafeModelError` for an unsafe file or one that is not a Keras 3
+    model; loader errors pass through. ``import keras`` is Keras 3 even where
+    ``TF_USE_LEGACY_KERAS`` is set (that variable only switches ``tf.keras``).
+    """
+    path = Path(path)
+    allowed = operator_allowed_layers() if allowed is None else allowed
+    kind = check_model_file(path, allowed, compile=False)
+    if kind != "keras":
+        raise UnsafeModelError(f"{path.name}: {MODEL_FORMATS[kind]}, not a Keras 3 model")
+    import keras
+
+    return keras.saving.load_model(str(path), compile=False, safe_mode="Lambda" not in allowed)

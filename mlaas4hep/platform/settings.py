@@ -55,6 +55,18 @@ class Settings(BaseModel):
     )
     host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on")
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API")
+    grpc_port: int = Field(
+        default=9000,
+        ge=0,
+        le=65535,
+        description="Port of the KServe v2 gRPC service (inference.GRPCInferenceService), "
+        "served by the inference app's ingress replicas; 0 turns it off",
+    )
+    grpc_host: str | None = Field(
+        default=None,
+        description="Address the KServe v2 gRPC service listens on (default: 'host'; "
+        "0.0.0.0 in a cluster's pods)",
+    )
     dashboard_port: int = Field(default=8265, ge=1, le=65535)
     ray_port: int = Field(default=6379, ge=1, le=65535, description="GCS port of the local head")
     num_cpus: int | None = Field(
@@ -64,6 +76,14 @@ class Settings(BaseModel):
         default="haproxy",
         description="HTTP proxy of the local head's Serve apps: 'haproxy' (HAProxy in front "
         "of ingress replicas serving HTTP themselves) or 'python' (Ray Serve's own proxy)",
+    )
+    worker_niceness: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="Nice value of the local head's Ray worker processes (Serve replicas, "
+        "HAProxy, pipeline workers); Ray's own default, 15, lets any other busy process on "
+        "the machine (a load tool, a plain web server) take the CPU from the Serve replicas",
     )
     ray_address: str | None = Field(
         default=None, description="Ray cluster to use instead of starting a local head"
@@ -216,6 +236,15 @@ class Settings(BaseModel):
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in {"0.0.0.0", "::"} else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def grpc_address(self) -> str | None:
+        """``host:port`` of the KServe v2 gRPC service as local clients reach it (None: off)."""
+        if not self.grpc_port:
+            return None
+        host = self.grpc_host or self.host
+        host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
+        return f"{host}:{self.grpc_port}"
 
     @property
     def jobs_url(self) -> str:

@@ -49,6 +49,12 @@ class ModelInfo(BaseModel):
     groups: list[str] = Field(default_factory=list)
     versions: list[int]
     created: str = ""
+    format: str = Field(
+        default="",
+        description="Model format of the latest version, in GET /models/{name} (its "
+        "params.json 'format': graphdef, savedmodel, keras, tf_keras, onnx; empty when the "
+        "bundle does not say, and in lists)",
+    )
 
 
 class ModelList(BaseModel):
@@ -238,7 +244,12 @@ def install_model_routes(app: FastAPI, ctx: "ApiContext", user: Any) -> None:
     @app.get("/models/{name}", response_model=ModelInfo)
     def get_model(name: str, principal: user) -> dict:
         """One model: owner, visibility, versions."""
-        return _info(visible_model(ctx, name, principal))
+        record = visible_model(ctx, name, principal)
+        try:
+            params = ctx.storage.read_json("models", name, str(record.latest), "params.json")
+        except (FileNotFoundError, ValueError):
+            params = {}
+        return {**_info(record), "format": str(params.get("format") or "")}
 
     @app.get("/models/{name}/bundle")
     def latest_bundle(name: str, principal: user) -> Response:

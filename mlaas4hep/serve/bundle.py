@@ -3,8 +3,10 @@
 A bundle is a folder (``models/<name>/<version>/`` in the registry)::
 
     params.json     TFaaS params: name, model, labels, inputNode/input_node, ...
-    model.keras     the Keras model (legacy Keras 2, ``tf_keras``), or the file/folder
-                    that ``params["model"]`` names (``.keras``, ``.h5``, a SavedModel)
+    model.keras     the model: the file/folder that ``params["model"]`` names, in one of
+                    the formats of :mod:`mlaas4hep.serve.model_formats` (tf_keras or
+                    Keras 3 ``.keras``/``.h5``, a SavedModel, a frozen graph ``.pb``
+                    with ``inputNode``/``outputNode``, ``.onnx``; ``format`` may say which)
     labels.txt      one class label a line (optional)
     specs.json      MLaaS4HEP specs (optional)
     metadata.json   owner, run id, metrics, feature_names, ... (optional)
@@ -23,7 +25,6 @@ import json
 import math
 import posixpath
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,8 @@ from typing import Any
 import numpy as np
 
 from mlaas4hep.platform.registry import RegistryError, check_model_name
-from mlaas4hep.platform.safe_models import (
-    UnsafeModelError,
-    check_model_file,
-    import_tf_keras,
-    load_keras_model,
-)
+from mlaas4hep.platform.safe_models import UnsafeModelError, check_model_file, import_tf_keras
+from mlaas4hep.serve.model_formats import ModelFileError, Predictor, load_predictor
 
 #: TFaaS params keys as TFaaS served them, with the other spelling TFaaS has used.
 PARAM_ALIASES = {"inputNode": "input_node", "outputNode": "output_node"}
@@ -162,9 +159,22 @@ def check_bundle_model(path: Path, params: dict[str, Any]) -> None:
     :func:`check_bundle_dir`) for code it would run, without loading it (a SavedModel's
     graph needs TensorFlow); :class:`BundleError` naming the file, layer and rule."""
     try:
-        check_model_file(path / params["model"], compile=False)
+        check_model_file(
+            path / params["model"], compile=False, declared=params.get("format") or None
+        )
     except UnsafeModelError as error:
         raise BundleError(str(error)) from None
+
+
+def described_params(params: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with what loading the model found (``info``, a
+    :meth:`LoadedModel.describe`): its ``format``, its ``inputs``/``outputs`` tensors
+    (names, shapes) and, where params named none, ``inputNode``/``outputNode``."""
+    params = {**params, "format": info["format"]}
+    params.update(inputs=info["inputs"], outputs=info["outputs"])
+    for key, tensors in (("inputNode", info["inputs"]), ("outputNode", info["outputs"])):
+        params[key] = params.get(key) or tensors[0]["name"]
+    return params
 
 
 def write_params(path: Path, params: dict[str, Any]) -> None:
@@ -329,24 +339,19 @@ class LoadedModel:
         self.version = version
         self.params = check_bundle_dir(path, name, match=False)
         self.labels = read_labels(path / self.params["labels"])
-        self.model = _load_keras(path / self.params["model"])
-        shape_in = self.model.input_shape
-        if isinstance(shape_in, list) or len(shape_in) not in (2, 4) or None in shape_in[1:]:
+        self.predictor = _load_predictor(path / self.params["model"], self.params, numpy_dense)
+        shape_in = self.predictor.input.shape
+        if len(shape_in) not in (2, 4) or None in shape_in[1:]:
             raise BundleError(
                 f"model of {name!r} must take one [rows, features] or "
-                "[rows, height, width, channels] input"
+                f"[rows, height, width, channels] input, not {list(shape_in)}"
             )
-        shape_out = self.model.output_shape
-        if isinstance(shape_out, list):
-            raise BundleError(f"model of {name!r} must have a single output")
         #: ``(height, width, channels)`` of an image model, else None
         self.image_shape = tuple(int(d) for d in shape_in[1:]) if len(shape_in) == 4 else None
         self.n_features = int(np.prod(shape_in[1:]))
-        self.n_outputs = int(np.prod(shape_out[1:])) if len(shape_out) > 1 else 1
+        self._call = self.predictor.call
+        self.n_outputs = _output_width(self.predictor, self.params["model"])
         self.feature_names = feature_names_of(path, self.n_features)
-        self._call = (numpy_dense and _dense_forward(self.model)) or _compiled(
-            self.model, tuple(int(d) for d in shape_in[1:])
-        )
         self.specs = _specs_of(path / "specs.json", self.n_features)
 
     def columns_for(self, keys: list[str] | None, width: int) -> list[int] | None:
@@ -421,6 +426,7 @@ class LoadedModel:
             "params": self.params,
             "has_specs": self.specs is not None,
             "image_shape": list(self.image_shape) if self.image_shape else None,
+            **self.predictor.describe(),
         }
 
 
@@ -428,17 +434,34 @@ class LoadedModel:
 import_keras = import_tf_keras
 
 
-def _load_keras(path: Path) -> Any:
-    """The Keras model of the bundle file/folder ``path``, checked and loaded in safe mode;
-    :class:`BundleError` naming the file (and the refused layer or op) otherwise."""
+def _load_predictor(path: Path, params: dict[str, Any], numpy_dense: bool) -> Predictor:
+    """The model of the bundle file/folder ``path``, checked and loaded as its format;
+    :class:`BundleError` naming the file (and the refused layer or op, or the format
+    expected) otherwise."""
     if not path.exists():
         raise BundleError(f"model file {path.name!r} not found in the bundle")
     try:
-        return load_keras_model(path, compile=False)
-    except UnsafeModelError as error:
+        return load_predictor(path, params, numpy_dense)
+    except (UnsafeModelError, ModelFileError) as error:
         raise BundleError(str(error)) from None
     except Exception as error:  # Keras raises many types for a corrupt file
         raise BundleError(f"model file {path.name!r} cannot be loaded: {error}") from None
+
+
+def _output_width(predictor: Predictor, file: str) -> int:
+    """Outputs per row of ``predictor``, found by running it on one row of zeros (a model
+    that cannot run is refused at load, not at its first request)."""
+    row = np.zeros((1, *predictor.input.shape[1:]), dtype=np.float32)
+    try:
+        out = np.asarray(predictor(row))
+    except Exception as error:  # each runtime raises its own types
+        raise BundleError(f"model file {file!r} cannot be run on one row: {error}") from None
+    if out.ndim == 0 or out.shape[0] != 1 or out.size == 0:
+        raise BundleError(
+            f"model file {file!r} gives outputs of shape {list(out.shape)} for one row; "
+            "expected [1, outputs]"
+        )
+    return int(out.size)
 
 
 def _specs_of(path: Path, n_features: int) -> Any:
@@ -456,79 +479,6 @@ def _specs_of(path: Path, n_features: int) -> Any:
             f"specs.json describes {specs.n_features} features but the model takes {n_features}"
         )
     return specs
-
-
-Forward = Callable[[np.ndarray], np.ndarray]
-
-
-def _compiled(model: Any, row_shape: tuple[int, ...]) -> Forward:
-    """``model(x)`` as one traced graph for any number of rows (about 2x faster than eager)."""
-    import tensorflow as tf
-
-    def call(x: Any) -> Any:
-        return model(x, training=False)
-
-    signature = [tf.TensorSpec([None, *row_shape], tf.float32)]
-    graph = tf.function(call, input_signature=signature, autograph=False)
-    return lambda x: graph(x).numpy()
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):  # exp(-z) overflows to inf for z << 0: the answer is 0
-        return 1.0 / (1.0 + np.exp(-z))
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-#: Activations of :func:`_dense_forward`, by Keras name.
-DENSE_ACTIVATIONS: dict[str, Forward] = {
-    "linear": lambda z: z,
-    "relu": lambda z: np.maximum(z, 0.0),
-    "sigmoid": _sigmoid,
-    "tanh": np.tanh,
-    "softmax": _softmax,
-}
-
-
-def _dense_forward(model: Any) -> Forward | None:
-    """``model(x)`` in float32 numpy when ``model`` is a ``Sequential`` stack of ``Dense``
-    (and inference-time no-op ``Dropout``) layers with the activations of
-    :data:`DENSE_ACTIVATIONS`; else None.
-
-    A single row costs microseconds this way against about 0.4 ms through TensorFlow, which
-    is most of a small model's serving time; the outputs agree with ``model(x)`` to float32
-    rounding.
-    """
-    import tf_keras
-
-    if not isinstance(model, tf_keras.Sequential):
-        return None
-    steps: list[tuple[np.ndarray, np.ndarray | None, Forward]] = []
-    for layer in model.layers:
-        if type(layer) is tf_keras.layers.Dropout:
-            continue
-        if type(layer) is not tf_keras.layers.Dense or layer.dtype != "float32":
-            return None
-        activation = DENSE_ACTIVATIONS.get(getattr(layer.activation, "__name__", ""))
-        if activation is None:
-            return None
-        weights = layer.get_weights()
-        steps.append((weights[0], weights[1] if layer.use_bias else None, activation))
-    if not steps:
-        return None
-
-    def forward(x: np.ndarray) -> np.ndarray:
-        for kernel, bias, activation in steps:
-            x = x @ kernel
-            if bias is not None:
-                x += bias
-            x = activation(x)
-        return x
-
-    return forward
 
 
 def load_bundle(path: Path, name: str, version: int, numpy_dense: bool = True) -> LoadedModel:

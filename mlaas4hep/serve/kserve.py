@@ -48,7 +48,8 @@ DATATYPES = {
 }
 
 
-def _ref(model: str, version: str | None) -> str:
+def model_ref(model: str, version: str | None) -> str:
+    """The model reference ``name`` or ``name/versions/N`` of a protocol's name and version."""
     return model if version is None else f"{model}/versions/{version}"
 
 
@@ -75,12 +76,32 @@ def input_matrix(body: dict[str, Any], binary: bytes) -> np.ndarray:
         raise ApiError(400, "'inputs' must be a list of one tensor (the [rows, features] input)")
     tensor = inputs[0]
     name = tensor.get("name", INPUT_NAME)
-    datatype = tensor.get("datatype")
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None and (not isinstance(size, int) or size != len(binary)):
+        raise ApiError(
+            400, f"input {name!r}: binary_data_size {size!r} != {len(binary)} bytes sent"
+        )
+    data = tensor.get("data")
+    if size is None and data is None:
+        raise ApiError(400, f"input {name!r} has no 'data'")
+    raw = binary if size is not None else None
+    return tensor_matrix(name, tensor.get("datatype"), tensor.get("shape"), raw=raw, data=data)
+
+
+def tensor_matrix(
+    name: str, datatype: Any, shape: Any, raw: bytes | None = None, data: Any = None
+) -> np.ndarray:
+    """The float32 ``[rows, features]`` matrix of one input tensor, for every protocol.
+
+    ``datatype`` and ``shape`` as the request gave them; the values either as ``raw``
+    little-endian bytes (binary extension, gRPC ``raw_input_contents``) or as ``data``
+    (a nested or flat list: JSON ``data``, gRPC typed ``contents``). Raises
+    :class:`ApiError` (400) naming the input and the rule it breaks.
+    """
     if datatype not in DATATYPES:
         raise ApiError(
             400, f"input {name!r}: datatype {datatype!r} not supported; use {', '.join(DATATYPES)}"
         )
-    shape = tensor.get("shape")
     if (
         not isinstance(shape, list)
         or not 1 <= len(shape) <= 2
@@ -88,19 +109,8 @@ def input_matrix(body: dict[str, Any], binary: bytes) -> np.ndarray:
     ):
         raise ApiError(400, f"input {name!r}: 'shape' must be [features] or [rows, features]")
     dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
     try:
-        if size is not None:
-            if not isinstance(size, int) or size != len(binary):
-                raise ApiError(
-                    400, f"input {name!r}: binary_data_size {size!r} != {len(binary)} bytes sent"
-                )
-            array = np.frombuffer(binary, dtype=dtype)
-        else:
-            data = tensor.get("data")
-            if data is None:
-                raise ApiError(400, f"input {name!r} has no 'data'")
-            array = np.asarray(data, dtype=dtype)
+        array = np.frombuffer(raw, dtype=dtype) if raw is not None else np.asarray(data, dtype)
         matrix = array.reshape(shape).astype(np.float32)
     except (ValueError, TypeError) as error:
         raise ApiError(
@@ -113,14 +123,18 @@ def input_matrix(body: dict[str, Any], binary: bytes) -> np.ndarray:
     return np.nan_to_num(matrix, nan=0.0)
 
 
+def check_output(name: Any) -> None:
+    """ApiError (400) unless ``name`` is the name of the model's output tensor."""
+    if name != OUTPUT_NAME:
+        raise ApiError(400, f"unknown output {name!r}; the model has {OUTPUT_NAME!r}")
+
+
 def wants_binary(body: dict[str, Any]) -> bool:
     outputs = body.get("outputs") or []
     if not isinstance(outputs, list):
         raise ApiError(400, "'outputs' must be a list")
     for item in outputs:
-        name = item.get("name") if isinstance(item, dict) else None
-        if name != OUTPUT_NAME:
-            raise ApiError(400, f"unknown output {name!r}; the model has {OUTPUT_NAME!r}")
+        check_output(item.get("name") if isinstance(item, dict) else None)
         if (item.get("parameters") or {}).get("binary_data"):
             return True
     return bool((body.get("parameters") or {}).get("binary_data_output"))
@@ -146,13 +160,41 @@ def infer_response(body: dict[str, Any], name: str, version: int, out: np.ndarra
 
 
 def model_metadata(info: dict[str, Any], versions: list[int]) -> dict[str, Any]:
+    """The model metadata of a model described by ``info``
+    (:meth:`~mlaas4hep.serve.bundle.LoadedModel.describe`) with ``versions``.
+
+    The protocol's tensors are always ``input`` ``[-1, features]`` and ``output``
+    ``[-1, outputs]`` (one client works with every format); ``platform`` names the
+    model's format, and ``parameters`` its format and its own tensor names and shapes."""
+    model_input, model_output = info["inputs"][0], info["outputs"][0]
     return {
         "name": info["name"],
         "versions": [str(v) for v in versions],
-        "platform": "tensorflow_keras",
+        "platform": info["platform"],
         "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, info["n_features"]]}],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, info["n_outputs"]]}],
+        "parameters": {
+            "format": info["format"],
+            "model_input": model_input["name"],
+            "model_input_shape": model_input["shape"],
+            "model_output": model_output["name"],
+            "model_output_shape": model_output["shape"],
+        },
     }
+
+
+async def metadata_of(
+    service: "TFaaSService", principal: Principal, model: str, version: str | None = None
+) -> dict[str, Any]:
+    """The model metadata of ``model`` (``version``: that one, else every version the
+    caller may see), for the REST and gRPC protocols alike."""
+    info = await service.describe(model_ref(model, version), principal)
+    versions = (
+        [info["version"]]
+        if version is not None
+        else (await service.record(model, principal)).versions
+    )
+    return model_metadata(info, versions)
 
 
 def build_router(service: "TFaaSService") -> APIRouter:
@@ -177,17 +219,10 @@ def build_router(service: "TFaaSService") -> APIRouter:
         }
 
     async def metadata(principal: User, model: str, version: str | None = None) -> Any:
-        ref = _ref(model, version)
-        info = await service.describe(ref, principal)
-        versions = (
-            [info["version"]]
-            if version is not None
-            else (await service.record(model, principal)).versions
-        )
-        return model_metadata(info, versions)
+        return await metadata_of(service, principal, model, version)
 
     async def model_ready(principal: User, model: str, version: str | None = None) -> Any:
-        info = await service.describe(_ref(model, version), principal)
+        info = await service.describe(model_ref(model, version), principal)
         return {"name": info["name"], "version": str(info["version"]), "ready": True}
 
     async def infer(
@@ -196,7 +231,8 @@ def build_router(service: "TFaaSService") -> APIRouter:
         body, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
         matrix = input_matrix(body, binary)
         wants_binary(body)  # check the requested outputs before predicting
-        name, number, out = await service.predict(_ref(model, version), matrix, None, principal)
+        ref = model_ref(model, version)
+        name, number, out = await service.predict(ref, matrix, None, principal)
         return infer_response(body, name, number, out)
 
     for base in ("/models/{model}", "/models/{model}/versions/{version}"):

@@ -5,7 +5,8 @@ memory while the registry's stamp (:meth:`ModelRegistry.stamp`, one small read p
 request) is unchanged, so an upload or a delete is seen by the next request on every
 replica. :class:`ModelCache` keeps the bundles a replica loaded by model id
 (``"<name>@<version>#<stamp>"``, where ``stamp`` changes when a version folder is
-replaced), least recently used out.
+replaced), least recently used out, each with the :class:`MicroBatcher` that merges its
+concurrent small predictions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 from mlaas4hep.platform.registry import ModelNotFound, ModelRecord, ModelRegistry
 from mlaas4hep.serve.bundle import LoadedModel, load_bundle
+from mlaas4hep.serve.microbatch import MicroBatcher
 
 MAX_MODELS_PER_REPLICA = 8
 MAX_CACHED_LOOKUPS = 1024
@@ -93,12 +95,25 @@ def load_registered(registry: ModelRegistry, name: str, version: int) -> LoadedM
 
 class ModelCache:
     """Bundles loaded in this replica by model id: each loaded once (concurrent requests
-    wait for the same load), at most ``capacity`` kept, least recently used out."""
+    wait for the same load), at most ``capacity`` kept, least recently used out.
 
-    def __init__(self, registry: ModelRegistry, capacity: int = MAX_MODELS_PER_REPLICA) -> None:
+    Each kept bundle has a :class:`MicroBatcher` (:meth:`batcher`) built with
+    ``batch_max_rows`` and ``batch_above_s``.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        capacity: int = MAX_MODELS_PER_REPLICA,
+        batch_max_rows: int = 256,
+        batch_above_s: float = 100e-6,
+    ) -> None:
         self.registry = registry
         self.capacity = capacity
+        self.batch_max_rows = batch_max_rows
+        self.batch_above_s = batch_above_s
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._batchers: dict[str, MicroBatcher] = {}
         self._loading: dict[str, asyncio.Lock] = {}
 
     def __contains__(self, model_id: str) -> bool:
@@ -120,11 +135,20 @@ class ModelCache:
         self._loading.pop(model_id, None)
         return model
 
+    def batcher(self, model_id: str) -> MicroBatcher:
+        """The batcher of the kept bundle ``model_id`` (:meth:`get` it first)."""
+        return self._batchers[model_id]
+
     def _store(self, model_id: str, model: LoadedModel) -> None:
         """Keep ``model``; drop earlier folders of its version and the oldest over capacity."""
         replaced = model_id.partition("#")[0] + "#"
         for old in [key for key in self._models if key.startswith(replaced)]:
             del self._models[old]
+            del self._batchers[old]
         self._models[model_id] = model
+        self._batchers[model_id] = MicroBatcher(
+            model.predict, self.batch_max_rows, self.batch_above_s
+        )
         while len(self._models) > self.capacity:
-            self._models.popitem(last=False)
+            oldest, _ = self._models.popitem(last=False)
+            del self._batchers[oldest]

@@ -8,7 +8,9 @@ storage, cached under the registry's stamp) and
 Where a prediction runs is chosen per request: a ``/json``, ``/proto`` or ``/events``
 request (and a KServe v2 ``infer``) of at most ``direct_max_rows`` rows is predicted in
 the ingress replica itself, with the bundle kept in the ingress's own LRU cache (one
-process, no second hop: a few milliseconds less per request); larger requests and images
+process, no second hop: a few milliseconds less per request), where concurrent requests
+of a model with an expensive call (a TensorFlow graph) share one model call
+(:mod:`~mlaas4hep.serve.microbatch`); larger requests and images
 go to the model deployment, which batches them across requests and scales on its own.
 Both paths see an upload or a delete with the next request. Routes follow TFaaS::
 
@@ -23,7 +25,9 @@ Both paths see an upload or a delete with the next request. Routes follow TFaaS:
     DELETE /delete (form or query field ``model``), /delete/{model}
     GET  /status                  no token needed
 
-A model is named ``"name"`` (latest version) or ``"name/versions/N"``. Run with::
+The ingress replicas also serve KServe v2 over gRPC on the ``grpc_port`` setting
+(:mod:`mlaas4hep.serve.kserve_grpc`). A model is named ``"name"`` (latest version) or
+``"name/versions/N"``. Run with::
 
     serve run mlaas4hep.serve.tfaas:build_tfaas_app
 """
@@ -62,7 +66,7 @@ from mlaas4hep.platform.registry import (
 )
 from mlaas4hep.platform.settings import Settings, load_settings
 from mlaas4hep.platform.storage import Storage
-from mlaas4hep.serve import kserve, tfaas_pb2
+from mlaas4hep.serve import kserve, kserve_grpc, tfaas_pb2
 from mlaas4hep.serve.body_limit import install_body_limit
 from mlaas4hep.serve.bundle import (
     BundleError,
@@ -70,6 +74,7 @@ from mlaas4hep.serve.bundle import (
     LoadedModel,
     UploadLimits,
     check_bundle_dir,
+    described_params,
     extract_tarball,
     import_keras,
     normalize_params,
@@ -93,7 +98,12 @@ class TFaaSOptions(BaseModel):
     base_path: str = Field(default="", description="Prefix of every route, e.g. /tfaas")
     max_upload_bytes: int = Field(default=512 * 1024**2, gt=0)
     max_member_bytes: int = Field(default=512 * 1024**2, gt=0)
-    ingress_min_replicas: int = Field(default=1, ge=1)
+    ingress_min_replicas: int = Field(
+        default=2,
+        ge=1,
+        description="Ingress replicas from the start: each is one Python process (one core "
+        "at most), and Serve adds one only after upscale_delay_s of load",
+    )
     ingress_max_replicas: int = Field(default=2, ge=1)
     model_min_replicas: int = Field(default=1, ge=1)
     model_max_replicas: int = Field(default=2, ge=1)
@@ -104,12 +114,32 @@ class TFaaSOptions(BaseModel):
     metrics_interval_s: float = Field(default=10.0, gt=0, description="Serve autoscaling")
     ingress_cpus: float = Field(default=0.1, gt=0)
     model_cpus: float = Field(default=0.25, gt=0)
-    access_log: bool = Field(default=True, description="Log every request of the replicas")
+    access_log: bool = Field(
+        default=False,
+        description="Log every request of the replicas (a log record per prediction costs "
+        "about a tenth of a small request's time; Serve's metrics count requests anyway)",
+    )
     direct_max_rows: int = Field(
         default=32,
         ge=0,
         description="Predict requests of at most this many rows in the ingress replica "
         "(0: every prediction goes to the model deployment)",
+    )
+    batch_above_us: float = Field(
+        default=100.0,
+        ge=0,
+        description="Merge concurrent requests predicted in the ingress into one model call "
+        "for models whose single call takes at least this many microseconds (TensorFlow "
+        "graphs; a numpy Dense stack is cheaper than the merge); 0 merges for every model",
+    )
+    batch_max_rows: int = Field(
+        default=256, ge=1, description="Most rows of one merged model call in the ingress"
+    )
+    ingress_tf_threads: int = Field(
+        default=1,
+        ge=0,
+        description="TensorFlow inter- and intra-op threads of an ingress replica, whose "
+        "model calls are small (0: TensorFlow's default, one per core)",
     )
 
     @classmethod
@@ -168,7 +198,11 @@ class TFaaSService:
         self.registry = ModelRegistry(Storage(settings.storage))
         self.lookups = LookupCache(self.registry)
         #: bundles predicted in this replica (requests of at most ``direct_max_rows`` rows)
-        self.models = ModelCache(self.registry)
+        self.models = ModelCache(
+            self.registry,
+            batch_max_rows=options.batch_max_rows,
+            batch_above_s=options.batch_above_us * 1e-6,
+        )
         self.metrics: ModelMetrics | None = None  # created on first use (needs Ray)
         self.model_server = model_server
         self.validator = validator or TokenValidator.from_settings(settings)
@@ -284,14 +318,15 @@ class TFaaSService:
     async def predict_here(
         self, found: Lookup, inputs: Callable[[LoadedModel], np.ndarray]
     ) -> np.ndarray:
-        """Predict ``inputs(model)`` in this replica, with the model deployment's metrics."""
+        """Predict ``inputs(model)`` in this replica, with the model deployment's metrics;
+        concurrent requests of an expensive model share one model call (``MicroBatcher``)."""
         if self.metrics is None:
             self.metrics = ModelMetrics()
         with self.metrics.request(found.record.name, found.version):
             model = await self.local_model(found.model_id)
             matrix = inputs(model)
             self.metrics.model_call(model, len(matrix))
-            return model.predict(matrix)
+            return await self.models.batcher(found.model_id).predict(matrix)
 
     async def _predicted(
         self,
@@ -376,7 +411,8 @@ class TFaaSService:
         except QuotaExceeded as error:
             raise ApiError(413, f"model {name!r}: {error}") from None
         try:
-            await self.call(None, "check_bundle", files, name)
+            info = await self.call(None, "check_bundle", files, name)
+            write_params(bundle, described_params(params, info))  # format, tensors for /params
             entry = await asyncio.to_thread(
                 self.registry.register,
                 name,
@@ -734,6 +770,22 @@ def create_app(service: TFaaSService) -> FastAPI:
 # --------------------------------------------------------------------------- Serve
 
 
+def _limit_tf_threads(threads: int) -> None:
+    """Give TensorFlow ``threads`` inter- and intra-op threads in this process (0: its
+    default, one per core), before it runs its first op. The ingress calls models on at
+    most ``batch_max_rows`` rows: more threads do not speed such a call up, and their
+    spinning takes the cores from HAProxy and the other replicas."""
+    if threads <= 0:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow ran an op in this process already: keep its pools
+        pass
+
+
 @serve.ingress()
 class TFaaSIngress:
     """Ingress deployment: builds the FastAPI app on the replica.
@@ -744,21 +796,42 @@ class TFaaSIngress:
     requests for tens of milliseconds).
     """
 
-    def __init__(
+    async def __init__(
         self, settings: Settings, options: TFaaSOptions, model_server: DeploymentHandle
     ) -> None:
         if options.direct_max_rows > 0:
             import_keras()
+            _limit_tf_threads(options.ingress_tf_threads)
         self.service = TFaaSService(settings, options, model_server)
+        self.grpc: tuple[Any, kserve_grpc.InferenceServicer] | None = None
+        if settings.grpc_port:  # KServe v2 over gRPC, beside the HTTP routes
+            host = settings.grpc_host or settings.host
+            self.grpc = kserve_grpc.start_server(
+                self.service, api_error_of, host, settings.grpc_port
+            )
+            await self.grpc[0].start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """gRPC calls being answered, for :func:`~mlaas4hep.serve.kserve_grpc.
+        ingress_autoscaling_policy` (Serve counts only its own HTTP requests)."""
+        return {kserve_grpc.ONGOING_METRIC: float(self.grpc[1].ongoing if self.grpc else 0)}
+
+    async def __del__(self) -> None:
+        if self.grpc is not None:
+            await self.grpc[0].stop(grace=5.0)
 
 
 def _deployment(cls: type, role: str, options: TFaaSOptions) -> Any:
     """A Serve deployment of ``cls`` with the CPUs and replica range of ``role``
     (``ingress`` or ``model``) in ``options``, autoscaled by ongoing requests."""
     low = getattr(options, f"{role}_min_replicas")
+    # The ingress also counts the gRPC calls its replicas answer (kserve_grpc).
+    policy = (
+        {"policy_function": kserve_grpc.INGRESS_AUTOSCALING_POLICY} if role == "ingress" else {}
+    )
     return serve.deployment(
         cls,
         name=cls.__name__,
@@ -774,6 +847,7 @@ def _deployment(cls: type, role: str, options: TFaaSOptions) -> Any:
             "downscale_delay_s": options.downscale_delay_s,
             "look_back_period_s": options.look_back_period_s,
             "metrics_interval_s": options.metrics_interval_s,
+            **({"policy": policy} if policy else {}),
         },
     )
 

@@ -122,6 +122,7 @@ def write_bundle(
         {
             "name": name,
             "model": MODEL_FILE,
+            "format": "tf_keras",
             "labels": "labels.txt",
             "inputNode": input_node,
             "outputNode": output_node,
