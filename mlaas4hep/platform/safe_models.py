@@ -848,16 +848,22 @@ def operator_allowed_layers() -> list[str]:
 def load_keras_model(
     path: Path, *, compile: bool = False, allowed: Collection[str] | None = None
 ) -> Any:
-    """:func:`check_model_file`, then load ``path`` with tf_keras in safe mode (a
-    ``SafeModeScope`` around every format, ``safe_mode=True`` for ``.keras``); with
-    ``compile`` the optimizer, loss and metrics come back; ``allowed`` as for
-    :func:`check_model_file`. Returns the Keras model.
+    """:func:`check_model_file`, then :func:`load_checked_tf_keras`; with ``compile`` the
+    optimizer, loss and metrics come back; ``allowed`` as for :func:`check_model_file`.
+    Returns the Keras model.
 
     Raises :class:`UnsafeModelError` for an unsafe file; loader errors pass through.
     """
     path = Path(path)
     allowed = operator_allowed_layers() if allowed is None else allowed
     kind = check_model_file(path, allowed, compile=compile)
+    return load_checked_tf_keras(path, kind, compile=compile, allowed=allowed)
+
+
+def load_checked_tf_keras(path: Path, kind: str, *, compile: bool, allowed: Collection[str]) -> Any:
+    """Load ``path``, which :func:`check_model_file` just passed as format ``kind``, with
+    tf_keras in safe mode (a ``SafeModeScope`` around every format, ``safe_mode=True`` for
+    ``.keras``). :class:`UnsafeModelError` unless ``kind`` is a tf_keras format."""
     if kind not in ("tf_keras", "savedmodel"):
         raise UnsafeModelError(f"{path.name}: {MODEL_FORMATS[kind]}, not a tf_keras model")
     tf_keras = import_tf_keras()
@@ -871,17 +877,23 @@ def load_keras_model(
 
 
 def load_keras3_model(path: Path, *, allowed: Collection[str] | None = None) -> Any:
-    """:func:`check_model_file`, then load the Keras 3 archive ``path`` with Keras 3
-    (``keras.saving.load_model``, safe mode, not compiled); ``allowed`` as for
+    """:func:`check_model_file`, then :func:`load_checked_keras3`; ``allowed`` as for
     :func:`check_model_file`. Returns the Keras 3 model.
 
     Raises :class:`UnsafeModelError` for an unsafe file or one that is not a Keras 3
-    model; loader errors pass through. ``import keras`` is Keras 3 even where
-    ``TF_USE_LEGACY_KERAS`` is set (that variable only switches ``tf.keras``).
+    model; loader errors pass through.
     """
     path = Path(path)
     allowed = operator_allowed_layers() if allowed is None else allowed
-    kind = check_model_file(path, allowed, compile=False)
+    return load_checked_keras3(path, check_model_file(path, allowed, compile=False), allowed)
+
+
+def load_checked_keras3(path: Path, kind: str, allowed: Collection[str]) -> Any:
+    """Load the Keras 3 archive ``path``, which :func:`check_model_file` just passed as
+    format ``kind``, with Keras 3 (``keras.saving.load_model``, safe mode, not compiled).
+    :class:`UnsafeModelError` unless ``kind`` is ``"keras"``. ``import keras`` is Keras 3
+    even where ``TF_USE_LEGACY_KERAS`` is set (that variable only switches ``tf.keras``).
+    """
     if kind != "keras":
         raise UnsafeModelError(f"{path.name}: {MODEL_FORMATS[kind]}, not a Keras 3 model")
     import keras

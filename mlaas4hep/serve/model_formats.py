@@ -35,8 +35,8 @@ import numpy as np
 from mlaas4hep.platform.safe_models import (
     MODEL_FORMATS,
     check_model_file,
-    load_keras3_model,
-    load_keras_model,
+    load_checked_keras3,
+    load_checked_tf_keras,
     operator_allowed_layers,
 )
 
@@ -130,7 +130,7 @@ def load_tf_keras(
     """A tf_keras ``.h5``/``.keras`` model (or a tf_keras SavedModel folder)."""
     import tf_keras
 
-    model = load_keras_model(path, compile=False, allowed=allowed)
+    model = load_checked_tf_keras(path, "tf_keras", compile=False, allowed=allowed)
     return _keras_predictor(model, "tf_keras", tf_keras, numpy_dense, path)
 
 
@@ -140,7 +140,7 @@ def load_keras3(
     """A Keras 3 ``.keras`` archive, loaded with Keras 3."""
     import keras
 
-    model = load_keras3_model(path, allowed=allowed)
+    model = load_checked_keras3(path, "keras", allowed)
     return _keras_predictor(model, "keras", keras, numpy_dense, path)
 
 
