@@ -1,5 +1,7 @@
 """A pipeline through the MLaaS4HEP server's curl sequence with tokens of a real OIDC provider.
 
+The upload carries MLaaS4HEP's own workflow-recipe ``params.json`` unchanged.
+
 The provider is panva's ``oidc-provider`` (npm) on loopback; the platform trusts it as
 ``MLAAS4HEP_OIDC_ISSUER`` and knows nothing else of it: keys come from its discovery and
 JWKS. Clients get access tokens by the client_credentials grant. The provider rotates
@@ -18,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from auth_fixtures import token_parts
+from mlaas4hep_examples import mlaas4hep_example
 from oidc_fixtures import OIDCProvider, api_settings, oidc_provider, serve_apis
 
 from mlaas4hep.quickstart import DEMO_MODEL
@@ -28,32 +31,17 @@ pytestmark = pytest.mark.e2e
 
 
 def _folder_tarball(tmp_path: Path) -> bytes:
-    """The MLaaS4HEP server's upload: a gzip tarball of one folder with files.txt,
-    labels.txt, params.json, the model file and the ROOT files."""
+    """The MLaaS4HEP server's upload: a gzip tarball of one folder with MLaaS4HEP's own
+    workflow-recipe params.json unchanged, files.txt and labels.txt naming the ROOT files
+    in the folder, the model file and the ROOT files."""
     from mlaas4hep.platform.demo import write_demo_data
 
-    folder = tmp_path / "folder_to_upload"
-    folder.mkdir()
-    signal, background = write_demo_data(folder, events=600, seed=7)
-    (folder / "files_local.txt").write_text(f"{signal.name}\n{background.name}\n")
-    (folder / "labels_local.txt").write_text("1\n0\n")
-    params = {
-        "nevts": -1,
-        "chunk_size": 2000,
-        "epochs": 2,
-        "batch_size": 128,
-        "identifier": ["run", "event", "luminosityBlock"],
-        "branch": "Events",
-        "selected_branches": "",
-        "exclude_branches": "",
-        "hist": "pdfs",
-        "verbose": 1,
-    }
-    (folder / "params_local.json").write_text(json.dumps(params))
+    folder = mlaas4hep_example(tmp_path, "recipe", files=["signal.root", "background.root"])
+    write_demo_data(folder, events=600, seed=7)
     (folder / "ex_keras_model.py").write_text(DEMO_MODEL)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        tar.add(folder, arcname=folder.name)
+        tar.add(folder, arcname="folder_to_upload")
     return buffer.getvalue()
 
 
@@ -90,10 +78,10 @@ def test_mlaas4hep_server_curl_sequence_with_provider_tokens_and_key_rotation(
         "device": "cpu",
         "memory": "3gb",
         "cpus": "2",
-        "files": "files_local.txt",
-        "labels": "labels_local.txt",
+        "files": "files.txt",
+        "labels": "labels.txt",
         "model": "ex_keras_model.py",
-        "params": "params_local.json",
+        "params": "params.json",
     }
     answer = httpx.post(f"{url}/submit", json=submission, headers=auth, timeout=120)
     assert answer.status_code == 200, answer.text
@@ -135,6 +123,8 @@ def test_mlaas4hep_server_curl_sequence_with_provider_tokens_and_key_rotation(
     logs = _get(f"{url}/logs", rotated, params={"process_name": "luca_1"})
     assert logs.status_code == 200, logs.text
     assert "registered luca_1 version 1" in logs.text
+    assert "spec keys accepted and ignored: MLaaS4HEP keys with no use here: hist" in logs.text
+    assert "training on " in logs.text and "num_workers not set" in logs.text
     assert logs.text.startswith(followed)
     assert "luca_1.txt" in logs.headers["content-disposition"]
 
