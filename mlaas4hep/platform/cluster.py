@@ -105,6 +105,11 @@ def serve_proxy_env(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),  # default 8404: one head per host
+        # Serve's default, 4 threads, outnumbers the cores of a small machine, where
+        # HAProxy's threads then queue behind each other and the replicas.
+        "RAY_SERVE_HAPROXY_NBTHREAD": os.environ.get(
+            "RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1))
+        ),
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(settings.port + 1),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(settings.port + 64),
     }

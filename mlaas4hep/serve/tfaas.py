@@ -89,6 +89,8 @@ from mlaas4hep.serve.model_server import ModelMetrics, ModelServer
 from mlaas4hep.serve.security import principal_dependency
 
 ENV_PREFIX = "MLAAS4HEP_TFAAS_"
+#: Serve's setting of an ingress replica with ``ingress_on_replica_loop``.
+INGRESS_ON_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 _VERSION_REF = re.compile(r"^(?P<name>[^/@]+)(?:/versions/(?P<version>[^/]+))?$")
 
 
@@ -140,6 +142,13 @@ class TFaaSOptions(BaseModel):
         ge=0,
         description="TensorFlow inter- and intra-op threads of an ingress replica, whose "
         "model calls are small (0: TensorFlow's default, one per core)",
+    )
+    ingress_on_replica_loop: bool = Field(
+        default=True,
+        description="Run the ingress's handlers on the replica's own event loop instead of "
+        "Serve's separate user-code thread, where every request crosses two threads that "
+        "take turns on the GIL; the ingress handlers do not block (model calls run in "
+        "worker threads)",
     )
 
     @classmethod
@@ -832,10 +841,14 @@ def _deployment(cls: type, role: str, options: TFaaSOptions) -> Any:
     policy = (
         {"policy_function": kserve_grpc.INGRESS_AUTOSCALING_POLICY} if role == "ingress" else {}
     )
+    actor_options: dict[str, Any] = {"num_cpus": getattr(options, f"{role}_cpus")}
+    if role == "ingress" and options.ingress_on_replica_loop:
+        # Read by Serve when the replica's process starts; merged with the app's env_vars.
+        actor_options["runtime_env"] = {"env_vars": INGRESS_ON_LOOP_ENV}
     return serve.deployment(
         cls,
         name=cls.__name__,
-        ray_actor_options={"num_cpus": getattr(options, f"{role}_cpus")},
+        ray_actor_options=actor_options,
         logging_config={"enable_access_log": options.access_log},
         max_ongoing_requests=128,  # >= the model server's batch size
         autoscaling_config={
