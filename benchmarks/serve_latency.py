@@ -231,18 +231,23 @@ class Platform:
     def down(self) -> None:
         self.cli("down", "--remove-logs", timeout=120)
 
-    def ingress_pid(self) -> int | None:
-        """The pid of the inference app's ingress replica (listening on a direct-ingress
-        port of this head), or None."""
+    def ingress_pids(self) -> list[int]:
+        """The pids of the inference app's ingress replicas (listening on a direct-ingress
+        port of this head), sorted."""
         import psutil
 
         ports = range(self.port + 1, self.port + 65)
+        pids = set()
         for conn in psutil.net_connections(kind="tcp"):
             if conn.status == "LISTEN" and conn.laddr.port in ports and conn.pid:
                 with contextlib.suppress(Exception):
                     if "TFaaSIngress" in " ".join(psutil.Process(conn.pid).cmdline()):
-                        return conn.pid
-        return None
+                        pids.add(conn.pid)
+        return sorted(pids)
+
+    def ingress_pid(self) -> int | None:
+        """The pid of one ingress replica of the inference app, or None."""
+        return next(iter(self.ingress_pids()), None)
 
 
 # --------------------------------------------------------------------------- load
@@ -400,6 +405,16 @@ def table(results: dict[str, Any], concurrency: int) -> str:
     return "\n".join(lines)
 
 
+def machine(load_start: tuple[float, ...]) -> dict[str, Any]:
+    """The machine of a run: cores, Python, load average at its start and at its end."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": host.python_version(),
+        "load_average_start": [round(v, 2) for v in load_start],
+        "load_average_end": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
 def run_baseline_server(bundles: dict[str, Path], port: int) -> subprocess.Popen:
     command = [sys.executable, __file__, "--baseline-port", str(port)]
     command += ["--bundles", json.dumps({k: str(v) for k, v in bundles.items()})]
@@ -465,12 +480,7 @@ def main() -> int:
     report = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": host.python_version(),
-            "load_average_start": [round(v, 2) for v in load_start],
-            "load_average_end": [round(v, 2) for v in os.getloadavg()],
-        },
+        "machine": machine(load_start),
         "load": {"tool": "hey", "seconds": args.seconds, "concurrency": args.concurrency},
         "seconds": round(time.time() - started),
         "results": results,

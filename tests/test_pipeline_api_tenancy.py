@@ -233,7 +233,7 @@ def test_pipeline_asking_for_too_many_workers_or_pipelines_is_refused(api, token
     alice = call(api, tokens, "alice", "GET", "/api/v1/whoami").json()["owner"]
     busy = new_run_id()
     RunStore(storage).create(busy, owner=alice, name="busy", state=RunState.SUCCEEDED.value)
-    RunStore(storage).update(busy, state=RunState.RUNNING)
+    RunStore(storage).update(busy, only_if={RunState.SUCCEEDED}, state=RunState.RUNNING)
     spec["resources"] = {"num_workers": 1}
     answer = call(api, tokens, "alice", "POST", "/api/v1/pipelines", json=body)
     assert answer.status_code == 429

@@ -110,6 +110,15 @@ def serve_proxy_env(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_NBTHREAD": os.environ.get(
             "RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1))
         ),
+        # Serve's default retries only connections that failed before the request was
+        # sent: the requests in flight on a replica that dies are then lost (the client's
+        # connection closes without an answer). Retrying an empty response too sends
+        # them to another replica. HAProxy replays only requests that fit its 16 kB
+        # buffer (predictions, not uploads); a small submission whose replica died after
+        # recording it may then be recorded twice, never lost.
+        "RAY_SERVE_HAPROXY_RETRY_ON": os.environ.get(
+            "RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response"
+        ),
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(settings.port + 1),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(settings.port + 64),
     }
@@ -380,6 +389,17 @@ def _client_servers_of(gcs_address: str) -> list[psutil.Process]:
     return found
 
 
+def head_processes(settings: Settings) -> list[psutil.Process]:
+    """Every process of the head recorded in the state folder (none when none is): those
+    naming its session folder and their children (raylet, GCS, workers, job drivers), its
+    Ray Client server and its HAProxy; never those of another head."""
+    state = HeadState.load(settings)
+    if state is None:
+        return []
+    procs = _head_processes(state.session_dir) + _client_servers_of(state.gcs_address)
+    return procs + _head_processes(str(haproxy_dir(settings)))
+
+
 def stop_head(settings: Settings, timeout: float = 20.0, keep_logs: bool = True) -> bool:
     """Stop the head recorded in the state folder; return whether one was running.
 
@@ -388,8 +408,7 @@ def stop_head(settings: Settings, timeout: float = 20.0, keep_logs: bool = True)
     state = HeadState.load(settings)
     if state is None:
         return False
-    procs = _head_processes(state.session_dir) + _client_servers_of(state.gcs_address)
-    procs += _head_processes(str(haproxy_dir(settings)))
+    procs = head_processes(settings)
     _terminate(procs, timeout)
     HeadState.path(settings).unlink(missing_ok=True)
     shutil.rmtree(haproxy_dir(settings), ignore_errors=True)

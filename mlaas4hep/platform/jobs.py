@@ -33,6 +33,11 @@ JOB_TO_RUN_STATE = {
 }
 
 
+class JobsUnavailable(ConnectionError):
+    """The Jobs API cannot be reached or answers errors (the head is down or restarting);
+    the HTTP APIs answer it with 503."""
+
+
 @dataclass(frozen=True)
 class JobView:
     """What the Jobs API says of one pipeline's job."""
@@ -98,11 +103,22 @@ class PipelineJobs:
                 time.sleep(1.0)
 
     def view(self, job_id: str) -> JobView | None:
-        """The job's state, or ``None`` when the Jobs API does not know it."""
+        """The job's state, or ``None`` when the Jobs API does not know it.
+
+        Raises :class:`JobsUnavailable` when the Jobs API cannot be reached: an unknown
+        job and an unreachable head are different answers.
+        """
         try:
             info = self.client.get_job_info(job_id)
-        except RuntimeError:
-            return None
+        except RuntimeError as error:
+            if "status code 404" in str(error):
+                return None
+            raise JobsUnavailable(f"the Jobs API at {self.jobs_url} answered: {error}") from None
+        except OSError as error:  # requests' ConnectionError and Ray's own are OSErrors
+            self._client = None  # a restarted head is connected to afresh
+            raise JobsUnavailable(
+                f"the Jobs API at {self.jobs_url} cannot be reached: {error}"
+            ) from None
         return JobView(
             job_id=job_id,
             state=JOB_TO_RUN_STATE.get(info.status, str(info.status)),

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from mlaas4hep.platform.storage import Storage
+from mlaas4hep.platform.storage import Storage, storage_error
 
 #: Seconds a reservation lives without a grant or a refresh.
 RESERVATION_TTL_S = 3600.0
@@ -178,9 +178,15 @@ class FileLedger:
 
     @staticmethod
     def _save(entries: dict[str, dict[str, float]], book: Path) -> None:
+        """Replace the ledger; :class:`~mlaas4hep.platform.storage.StorageFull` when there
+        is no room, with no temporary file left behind."""
         tmp = book.with_name(f".{book.name}.{uuid.uuid4().hex}")
-        tmp.write_text(json.dumps(entries))
-        os.replace(tmp, book)
+        try:
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, book)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise storage_error(error, str(book), "write") from error
 
     def reserve(self, owner: str, limit: int, rid: str, need: int, want: int, credit: int) -> int:
         """See :func:`decide`; usage is read while the owner's lock is held."""

@@ -3,6 +3,11 @@
 A run's ``status.json`` is written by the pipeline API when it accepts a submission
 and then by the pipeline itself (the Ray Job) as it goes through its stages, so any
 replica of the API can answer for any run, and a restart loses nothing.
+
+Every update reads, merges and writes the record under the run's lock file
+(:meth:`~mlaas4hep.platform.storage.Storage.lock`), so no writer loses another's
+change, and a finished run keeps how it ended: a cancel is never overwritten by the
+job's own later updates.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -17,6 +23,10 @@ from typing import Any
 from mlaas4hep.platform.storage import Storage
 
 RUN_ID_PATTERN = re.compile(r"^run-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
+#: Lock file of a run's record, in its folder.
+LOCK_FILE = ".status.lock"
+#: Fields of a finished run's record that only an update naming its state may change.
+OUTCOME_FIELDS = ("state", "stage", "message")
 
 
 class RunState(StrEnum):
@@ -33,6 +43,14 @@ class RunState(StrEnum):
 
 class RunNotFound(LookupError):
     pass
+
+
+class RunStateConflict(RuntimeError):
+    """The run is not in a state the update expects (``state`` is the one it is in)."""
+
+    def __init__(self, run_id: str, state: str) -> None:
+        super().__init__(f"run {run_id!r} is {state.lower()}")
+        self.state = state
 
 
 def new_run_id() -> str:
@@ -82,16 +100,34 @@ class RunStore:
         except FileNotFoundError:
             raise RunNotFound(f"run {run_id!r} not found") from None
 
-    def update(self, run_id: str, **fields: Any) -> dict[str, Any]:
-        """Merge ``fields`` into the run's record (``progress`` and ``metrics`` are merged too)."""
-        record = self.get(run_id)
-        for key in ("progress", "metrics"):
-            if key in fields and isinstance(fields[key], dict):
-                fields[key] = {**record.get(key, {}), **fields[key]}
-        if isinstance(fields.get("state"), RunState):
-            fields["state"] = fields["state"].value
-        record.update(fields, updated=now_iso())
-        self.storage.write_json(record, "runs", run_id, "status.json")
+    def update(
+        self, run_id: str, *, only_if: Collection[RunState] | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Merge ``fields`` into the run's record (``progress`` and ``metrics`` are merged
+        too), in one step under the run's lock.
+
+        ``only_if``: the states the run must be in, else :class:`RunStateConflict`; it
+        also lets the update change a finished run's state. Without it a finished run
+        keeps its state, stage and message (the other fields are merged).
+        """
+        self.get(run_id)  # RunNotFound before any lock file is made
+        try:
+            with self.storage.lock("runs", run_id, LOCK_FILE):
+                record = self.get(run_id)
+                state = RunState(record["state"])
+                if only_if is not None and state not in only_if:
+                    raise RunStateConflict(run_id, state.value)
+                if only_if is None and state.finished:
+                    fields = {k: v for k, v in fields.items() if k not in OUTCOME_FIELDS}
+                for key in ("progress", "metrics"):
+                    if key in fields and isinstance(fields[key], dict):
+                        fields[key] = {**record.get(key, {}), **fields[key]}
+                if isinstance(fields.get("state"), RunState):
+                    fields["state"] = fields["state"].value
+                record.update(fields, updated=now_iso())
+                self.storage.write_json(record, "runs", run_id, "status.json")
+        except FileNotFoundError:  # the run's folder was deleted meanwhile
+            raise RunNotFound(f"run {run_id!r} not found") from None
         return record
 
     def list(self, owner: str | None = None) -> list[dict[str, Any]]:

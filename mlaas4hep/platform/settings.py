@@ -175,6 +175,18 @@ class Settings(BaseModel):
     max_active_pipelines: int = Field(
         default=4, ge=1, description="Pending or running pipelines one user may have"
     )
+    reconcile_interval_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="How often the pipeline API settles runs whose job ended or was lost "
+        "(head restart, lost submission) with the cluster's view of their jobs",
+    )
+    reconcile_grace_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="How long a pending run may wait for its job to appear before it is "
+        "submitted again (a head that has just started takes up to a minute to accept jobs)",
+    )
     max_workers_per_pipeline: int = Field(
         default=8, ge=1, description="Training workers one pipeline may ask for"
     )

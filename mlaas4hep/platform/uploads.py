@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlaas4hep.platform.quota import Quota, QuotaExceeded, Reservation, local_size, tree_size
-from mlaas4hep.platform.storage import Storage
+from mlaas4hep.platform.storage import Storage, StorageError, fsync_dir, storage_error
 
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,127}$")
 MAX_DEPTH = 8
@@ -66,8 +66,9 @@ class UserFiles:
     def quota_bytes(self) -> int:
         return self.quota.limit
 
-    def _parts(self, path: str = "") -> tuple[str, ...]:
-        return (*self.root, *([check_upload_path(path)] if path else []))
+    def _parts(self, path: str) -> tuple[str, ...]:
+        """Storage parts of the file ``path`` (checked: an empty path is refused, 400)."""
+        return (*self.root, check_upload_path(path))
 
     def usage(self) -> int:
         """Bytes the owner's quota counts now (uploads, runs, models, predictions)."""
@@ -75,7 +76,7 @@ class UserFiles:
 
     def list(self) -> list[dict[str, Any]]:
         """Every file as ``{"path", "size"}``, sorted by path (hidden ones left out)."""
-        base = self.storage.path(*self._parts())
+        base = self.storage.path(*self.root)
         if not self.storage.fs.exists(base):
             return []
         found = []
@@ -90,10 +91,14 @@ class UserFiles:
         return self.storage.exists(*self._parts(path))
 
     def read(self, path: str) -> bytes:
+        """The file's bytes; :class:`UploadError` 404 when there is none, 400 for a folder."""
+        parts = self._parts(path)
         try:
-            return self.storage.read_bytes(*self._parts(path))
-        except FileNotFoundError:
+            return self.storage.read_bytes(*parts)
+        except (FileNotFoundError, NotADirectoryError):
             raise UploadError(404, f"file {path!r} not found") from None
+        except IsADirectoryError:
+            raise UploadError(400, f"{path!r} is a folder: list it with GET /files") from None
 
     def delete(self, path: str) -> None:
         """Remove a file or folder; :class:`UploadError` (404) when there is none."""
@@ -145,8 +150,9 @@ class UserFiles:
         it once the file is counted), else by one released when the file is in place.
         """
         clean = check_upload_path(path)
+        self._check_free(clean)
         fs = self.storage.fs
-        base = self.storage.path(*self._parts())
+        base = self.storage.path(*self.root)
         target = self.storage.path(*self._parts(clean))
         held = reservation or self.quota.reservation(credit=self.stored(clean))
         total = None if size is None else held.used + size
@@ -161,13 +167,18 @@ class UserFiles:
                     await self._take(held, clean, len(chunk), total)
                     written += len(chunk)
                     out.write(chunk)
+                self.storage.flush(out)
             fs.makedirs(posixpath.dirname(target), exist_ok=True)
             if reservation is None:  # in place and uncounted in one step
                 await asyncio.to_thread(held.commit, lambda: fs.mv(tmp, target))
             else:
                 fs.mv(tmp, target)
-        except BaseException:
+            if self.storage.is_local:
+                fsync_dir(posixpath.dirname(target))
+        except BaseException as error:
             held.give_back(written)
+            if isinstance(error, OSError) and not isinstance(error, StorageError):
+                raise storage_error(error, clean, "upload") from error
             raise
         finally:
             if fs.exists(tmp):
@@ -177,6 +188,19 @@ class UserFiles:
             if not fs.ls(base, detail=False):
                 fs.rmdir(base)
         return written
+
+    def _check_free(self, path: str) -> None:
+        """:class:`UploadError` 409 when a file cannot go at ``path``: it names a folder, or
+        one of its folders is a file."""
+        if self.storage.isdir(*self._parts(path)):
+            raise UploadError(409, f"{path}: is a folder; delete it first or choose another name")
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if self.storage.exists(*self.root, folder) and not self.storage.isdir(
+                *self.root, folder
+            ):
+                raise UploadError(409, f"{path}: {folder} is a file, not a folder")
 
     async def _take(self, held: Reservation, path: str, nbytes: int, total: int | None) -> None:
         """Room for ``nbytes`` more of ``path`` (the ledger asked in a thread, when the

@@ -109,6 +109,8 @@ def serve_config(settings: Settings, kubernetes: bool = False) -> dict[str, Any]
             "max_workers_per_pipeline",
             "max_cpus_per_pipeline",
             "max_gpus_per_pipeline",
+            "reconcile_interval_s",
+            "reconcile_grace_s",
         }
     )
     return {

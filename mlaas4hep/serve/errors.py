@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mlaas4hep.platform.storage import LockTimeout, StorageFull
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,6 +52,23 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(422, _validation_message(exc))
+
+    @app.exception_handler(StorageFull)
+    async def _storage_full(_: Request, exc: StorageFull) -> JSONResponse:
+        logger.error("storage full: %s", exc)  # the message names storage paths: logged only
+        return error_response(507, "the platform's storage has no room for this request")
+
+    @app.exception_handler(LockTimeout)
+    async def _busy(_: Request, exc: LockTimeout) -> JSONResponse:
+        logger.warning("lock wait timed out: %s", exc)
+        return error_response(
+            503, "another request is changing the same record: retry", {"Retry-After": "1"}
+        )
+
+    @app.exception_handler(ConnectionError)
+    async def _unreachable(_: Request, exc: ConnectionError) -> JSONResponse:
+        logger.warning("a backend is unreachable: %s", exc)
+        return error_response(503, "the cluster or the storage is unreachable: retry later")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

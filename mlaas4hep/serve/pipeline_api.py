@@ -7,16 +7,17 @@ Jobs; user code never runs in this process.
 """
 
 import asyncio
+import re
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Self
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from ray import serve
 
 from mlaas4hep import __version__
@@ -29,11 +30,18 @@ from mlaas4hep.platform.config import (
     read_spec_text,
 )
 from mlaas4hep.platform.data_access import DataAccessPolicy
-from mlaas4hep.platform.jobs import PipelineJobs
+from mlaas4hep.platform.jobs import JobsUnavailable, PipelineJobs
 from mlaas4hep.platform.quota import QuotaExceeded
-from mlaas4hep.platform.rayjob import pipeline_jobs, register_staged_bundle
-from mlaas4hep.platform.registry import ModelRegistry
-from mlaas4hep.platform.runs import RunNotFound, RunState, RunStore, new_run_id
+from mlaas4hep.platform.rayjob import pipeline_jobs
+from mlaas4hep.platform.reconcile import Reconciler, RunSettler, settle_run
+from mlaas4hep.platform.registry import ModelNameTaken, ModelRegistry
+from mlaas4hep.platform.runs import (
+    RunNotFound,
+    RunState,
+    RunStateConflict,
+    RunStore,
+    new_run_id,
+)
 from mlaas4hep.platform.settings import Settings, as_settings
 from mlaas4hep.platform.storage import Storage
 from mlaas4hep.serve.api_resources import (
@@ -60,6 +68,8 @@ RUN_RECORD_BYTES = 2048
 UPLOAD_ROUTES = ("POST /files", "POST /pipelines/upload")  # multipart bodies
 RAW_UPLOAD_ROUTES = ("PUT /files/.+",)  # the body is the file
 LOG_POLL_SECONDS = 1.0
+#: A model file name as a submission may give it (its last path part).
+MODEL_FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,127}$")
 
 
 class SubmitRequest(BaseModel):
@@ -71,7 +81,22 @@ class SubmitRequest(BaseModel):
         max_length=MAX_MODEL_SOURCE_BYTES,
         description="Python source defining model(idim); replaces spec.model.file",
     )
-    model_filename: str = Field(default="model.py", max_length=128)
+    model_filename: str = Field(
+        default="model.py",
+        max_length=128,
+        description="Name of the model file in messages (its last path part is used)",
+    )
+
+    @field_validator("model_filename")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        name = PurePosixPath(value.replace("\\", "/")).name
+        if not MODEL_FILENAME.match(name):
+            raise ValueError(
+                f"{value!r} is not a file name (letters, digits and _.+=@- only, "
+                "not starting with a dot or dash)"
+            )
+        return value
 
 
 class ModelRef(BaseModel):
@@ -112,6 +137,11 @@ class ApiContext:
     jobs: PipelineJobs
     validator: TokenValidator
     policy: DataAccessPolicy
+
+    @property
+    def settler(self) -> RunSettler:
+        """Settles run records with their jobs (:mod:`mlaas4hep.platform.reconcile`)."""
+        return RunSettler(self.storage, self.runs, self.jobs, self.settings.reconcile_grace_s)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
@@ -251,6 +281,7 @@ def start_pipeline(
     try:
         with quota.holding(needed):
             spec, model_source = _check_submission(ctx, request, principal, run_id)
+            reserve_model_name(ctx, spec.name, principal, defaulted="name" not in request.spec)
             if model_source is not None:
                 ctx.storage.write_text(model_source, "runs", run_id, "model.py")
                 spec.model.file = ctx.storage.uri("runs", run_id, "model.py")
@@ -273,6 +304,22 @@ def start_pipeline(
     return ctx.runs.get(run_id)
 
 
+def reserve_model_name(
+    ctx: ApiContext, name: str, principal: Principal, defaulted: bool = False
+) -> None:
+    """Hold the model name a pipeline will register for its submitter, now: ApiError 409
+    when another user holds it (rather than a failed registration after training).
+    ``defaulted``: the spec gave no name, ``name`` is the default one."""
+    try:
+        ctx.registry.reserve(name, principal.owner)
+    except ModelNameTaken:
+        given = " (the default: the spec names none)" if defaulted else ""
+        raise ApiError(
+            409,
+            f"spec.name: model name {name!r}{given} belongs to another user; choose another",
+        ) from None
+
+
 def resume_pipeline(ctx: ApiContext, record: dict[str, Any]) -> dict[str, Any]:
     """Submit a new Ray Job (id ``<run_id>-r<n>``) for the cancelled or failed run ``record``.
 
@@ -291,14 +338,18 @@ def resume_pipeline(ctx: ApiContext, record: dict[str, Any]) -> dict[str, Any]:
         )
     resumes = int(record.get("resumes") or 0) + 1
     job_id = f"{run_id}-r{resumes}"
-    ctx.runs.update(
-        run_id,
-        state=RunState.PENDING,
-        stage="resuming",
-        message="",
-        job_id=job_id,
-        resumes=resumes,
-    )
+    try:  # only from the state just checked: of two resumes at once, one starts a job
+        ctx.runs.update(
+            run_id,
+            only_if={state},
+            state=RunState.PENDING,
+            stage="resuming",
+            message="",
+            job_id=job_id,
+            resumes=resumes,
+        )
+    except RunStateConflict as error:
+        raise ApiError(409, f"pipeline {run_id!r}: {error.state.lower()} meanwhile") from None
     spec_uri = ctx.storage.uri("runs", run_id, "spec.json")
     try:
         ctx.jobs.submit(run_id, record["owner"], spec_uri, job_id=job_id)
@@ -327,18 +378,10 @@ def _record(ctx: ApiContext, run_id: str, principal: Principal) -> dict[str, Any
         raise ApiError(404, f"pipeline {run_id!r} not found") from None
     if record.get("owner") != principal.owner and not principal.is_admin:
         raise ApiError(404, f"pipeline {run_id!r} not found")
-    if RunState(record["state"]).finished:
+    try:
+        return settle_run(ctx.settler, record)
+    except JobsUnavailable:  # the head is down: the record as it stands
         return record
-    job = ctx.jobs.view(record.get("job_id") or run_id)
-    if job is not None and job.state in {"FAILED", "CANCELLED"}:
-        message = record.get("message") or job.message
-        record = ctx.runs.update(run_id, state=job.state, message=message)
-    elif job is not None and job.state == "SUCCEEDED" and record["state"] != "SUCCEEDED":
-        # A RayJob stages its bundle in the run's folder; the API registers it.
-        record = register_staged_bundle(ctx.storage, ctx.runs, run_id, job) or ctx.runs.update(
-            run_id, state=RunState.FAILED, message="the job ended without registering a model"
-        )
-    return record
 
 
 async def _form_text(value: Any, field: str) -> str:
@@ -531,7 +574,15 @@ def create_pipeline_api(ctx: ApiContext) -> FastAPI:
         if RunState(record["state"]).finished:
             raise ApiError(409, f"pipeline {run_id!r} already {record['state'].lower()}")
         ctx.jobs.stop(record.get("job_id") or run_id)
-        return ctx.runs.update(run_id, state=RunState.CANCELLED, message="cancelled by the user")
+        try:  # a run that ended meanwhile keeps how it ended
+            return ctx.runs.update(
+                run_id,
+                only_if={RunState.PENDING, RunState.RUNNING},
+                state=RunState.CANCELLED,
+                message="cancelled by the user",
+            )
+        except RunStateConflict as error:
+            raise ApiError(409, f"pipeline {run_id!r} already {error.state.lower()}") from None
 
     @app.delete("/pipelines/{run_id}")
     def delete(run_id: str, principal: Submitter) -> dict:
@@ -571,9 +622,14 @@ class PipelineAPI:
 
     def __init__(self, settings: Settings) -> None:
         self.ctx = ApiContext.from_settings(settings)
+        self.reconciler = Reconciler(self.ctx.settler, settings.reconcile_interval_s)
+        self.reconciler.start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_pipeline_api(self.ctx)
+
+    def __del__(self) -> None:
+        self.reconciler.stop()
 
 
 def build_api_app(settings: Settings | dict[str, Any] | None = None) -> serve.Application:

@@ -391,11 +391,12 @@ class TFaaSService:
     # -- registry changes -----------------------------------------------------
 
     async def publish(
-        self, bundle: Path, params: dict[str, Any], principal: Principal, visibility: str
+        self, bundle: Path, params: dict[str, Any], principal: Principal, visibility: str | None
     ) -> dict[str, Any]:
-        """Check that the bundle loads, then register it as the next version."""
+        """Check that the bundle loads, then register it as the next version (``visibility``
+        ``None`` keeps the model's, private for a new one)."""
         name = params["name"]
-        if visibility not in ("private", "group", "public"):
+        if visibility not in (None, "private", "group", "public"):
             raise ApiError(400, f"visibility {visibility!r}: use private, group or public")
         if not params.get("timestamp"):
             params["timestamp"] = _now()
@@ -403,11 +404,8 @@ class TFaaSService:
         metadata = bundle / "metadata.json"
         if not metadata.is_file():
             metadata.write_text(json.dumps({"owner": principal.owner, "uploaded": _now()}))
-        try:
-            existing = await asyncio.to_thread(self.registry.record, name)
-        except ModelNotFound:
-            existing = None
-        if existing is not None and existing.owner != principal.owner:
+        holder = await asyncio.to_thread(self.registry.owner, name)  # registered or reserved
+        if holder not in (None, principal.owner):
             # refuse before loading the bundle; register() checks again when it writes
             raise ApiError(409, f"model name {name!r} belongs to another user")
         files = await asyncio.to_thread(read_tree, bundle)
@@ -434,7 +432,8 @@ class TFaaSService:
             raise api_error_of(error) or ApiError(400, str(error)) from None
         finally:
             await asyncio.to_thread(held.release)
-        return {"name": name, "version": entry.version, "visibility": visibility}
+        record = await asyncio.to_thread(self.registry.record, name)
+        return {"name": name, "version": entry.version, "visibility": record.visibility}
 
     async def delete(self, ref: str, principal: Principal) -> dict[str, Any]:
         name, version = self.parse_ref(ref)
@@ -546,7 +545,7 @@ def _safe_file_name(name: str, field: str) -> str:
     return name
 
 
-async def _form_bundle(request: Request, tmp: Path) -> tuple[Path, dict[str, Any], str]:
+async def _form_bundle(request: Request, tmp: Path) -> tuple[Path, dict[str, Any], str | None]:
     """Write a multipart upload (name, params, model, labels[, specs, metadata]) to ``tmp``."""
     try:
         form = await request.form(max_files=8, max_fields=16)
@@ -579,7 +578,7 @@ async def _form_bundle(request: Request, tmp: Path) -> tuple[Path, dict[str, Any
         if item is not None:
             (tmp / f"{extra}.json").write_bytes(item[1])
     write_params(tmp, raw)
-    visibility = _form_text(form, "visibility") or "private"
+    visibility = _form_text(form, "visibility") or None
     return tmp, check_bundle_dir(tmp, name), visibility
 
 
@@ -669,7 +668,7 @@ def build_router(service: "TFaaSService") -> APIRouter:
                 bundle = await asyncio.to_thread(extract_tarball, body, Path(tmp), limits)
                 name = request.query_params.get("name")
                 params = check_bundle_dir(bundle, name)
-                visibility = request.query_params.get("visibility", "private")
+                visibility = request.query_params.get("visibility") or None
             return await service.publish(bundle, params, principal, visibility)
 
     router.add_api_route("/upload", upload, methods=["POST"])
