@@ -12,7 +12,7 @@ import pytest
 from mlaas4hep.platform.cluster import free_port
 from mlaas4hep.platform.rootio import load_xrootd_client
 
-__all__ = ["free_port"]
+__all__ = ["STOP_TIMEOUT", "free_port"]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -25,9 +25,21 @@ os.environ["RAY_AUTH_TOKEN_PATH"] = str(_SESSION_DIR / "ray_auth_token")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ["MLAAS4HEP_HOME"] = str(_SESSION_DIR / "home")
 os.environ["MLAAS4HEP_STORAGE"] = str(_SESSION_DIR / "home" / "storage")
+# Serve holds a stopping ingress replica reachable for 30 s behind HAProxy, so that an
+# external load balancer can deregister it; on loopback HAProxy is the only router and
+# retries refused connections, so one second keeps app deletes and head stops short.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+# Ray Train's controller looks at its workers every 2 s: a run's end (or a killed worker)
+# is seen up to 2 s late, in each of the suite's many short runs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 # The XRootD client before TensorFlow (the other order crashes), as the pipeline does.
 load_xrootd_client()
+
+#: Seconds a test head's or worker's processes get to exit on SIGTERM before SIGKILL:
+#: Ray's GCS and autoscaler monitor outwait the platform's 20 s, and what a test cluster
+#: leaves is removed with it.
+STOP_TIMEOUT = 3.0
 
 #: Port of the session's loopback xrootd (xrootd_fixtures.session_xrootd), the one remote
 #: data host on the session platform's allow-list.
@@ -96,7 +108,7 @@ def ray_cluster(platform_settings):
     ray.init(address=head.gcs_address, log_to_driver=False)
     yield ray
     ray.shutdown()
-    stop_head(platform_settings, keep_logs=False)
+    stop_head(platform_settings, timeout=STOP_TIMEOUT, keep_logs=False)
 
 
 @pytest.fixture(scope="session")

@@ -181,18 +181,24 @@ def tfaas(serve_url: str, platform_settings: Any) -> TFaaS:
     )
     from mlaas4hep.serve.tfaas import TFaaSOptions, tfaas_application
 
-    serve.run(
-        build_issuer_app(platform_settings),
-        name=ISSUER_APP_NAME,
-        route_prefix=ISSUER_ROUTE_PREFIX,
-    )
     options = TFaaSOptions(
         ingress_min_replicas=2,
         model_min_replicas=2,
         max_member_bytes=MAX_MEMBER_BYTES,
     )
-    serve.run(
-        tfaas_application(platform_settings, options), name=APP_NAME, route_prefix=ROUTE_PREFIX
+    serve.run_many(  # both apps' replicas start together
+        [
+            serve.RunTarget(
+                build_issuer_app(platform_settings),
+                name=ISSUER_APP_NAME,
+                route_prefix=ISSUER_ROUTE_PREFIX,
+            ),
+            serve.RunTarget(
+                tfaas_application(platform_settings, options),
+                name=APP_NAME,
+                route_prefix=ROUTE_PREFIX,
+            ),
+        ]
     )
     issuer = LocalIssuer(
         platform_settings.issuer_key_dir,

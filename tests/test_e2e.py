@@ -24,6 +24,9 @@ from mlaas4hep.quickstart import DEMO_MODEL, predict_event, write_demo_inputs
 
 pytestmark = pytest.mark.e2e
 
+#: Seconds between status reads while a test waits for a pipeline.
+POLL = 0.5
+
 
 @pytest.fixture(scope="module")
 def platform(serve_url, platform_settings):
@@ -61,7 +64,7 @@ def finished_run(client, demo_spec) -> dict:
 
     record = client.submit(load_spec(demo_spec))
     assert record["state"] == "PENDING"
-    return client.wait(record["id"], poll=2, timeout=900)
+    return client.wait(record["id"], poll=POLL, timeout=900)
 
 
 def test_demo_pipeline_trains_registers_and_serves_a_model(client, finished_run, demo_spec):
@@ -193,7 +196,7 @@ def test_refused_submissions_leave_no_pipeline_behind(client, finished_run):
 def test_failure_inside_the_job_shows_in_the_pipeline_status(client, demo_spec):
     broken = "def model(idim):\n    raise ValueError('the model cannot be built: boom')\n"
     record = client.submit(_spec(demo_spec, name="broken", epochs=1), model_source=broken)
-    final = client.wait(record["id"], poll=2, timeout=600)
+    final = client.wait(record["id"], poll=POLL, timeout=600)
     assert final["state"] == "FAILED"
     assert "boom" in final["message"]
 
@@ -225,7 +228,7 @@ def test_ray_job_submit_of_mlaas4hep_run_on_mlaas4hep_inputs_registers_a_listed_
     deadline = time.monotonic() + 60
     while "recipe-cli" not in json.dumps(client.models()):
         assert time.monotonic() < deadline, client.models()
-        time.sleep(2)
+        time.sleep(POLL)
     record = next(r for r in client.pipelines() if r["name"] == "recipe-cli")
     log = client.logs(record["id"])
     assert "spec keys accepted and ignored: MLaaS4HEP keys with no use here: hist" in log
@@ -285,7 +288,7 @@ def test_cancelled_pipeline_resumes_from_its_latest_checkpoint(client, demo_spec
         if record["progress"].get("epoch", 0) >= 2:
             break
         assert time.monotonic() < deadline, record
-        time.sleep(0.5)
+        time.sleep(POLL)
     assert client.cancel(run_id)["state"] == "CANCELLED"
     with pytest.raises(ClientError) as error:
         client.resume("run-20000101-000000-abcdef")
@@ -294,7 +297,7 @@ def test_cancelled_pipeline_resumes_from_its_latest_checkpoint(client, demo_spec
     resumed = _resume_when_stopped(client, run_id)
     assert resumed["state"] == "PENDING"
     assert resumed["job_id"] == f"{run_id}-r1" and resumed["resumes"] == 1
-    final = client.wait(run_id, poll=2, timeout=900)
+    final = client.wait(run_id, poll=POLL, timeout=900)
     assert final["state"] == "SUCCEEDED", final.get("message")
     assert final["progress"]["epoch"] == epochs
     history = json.loads(client.artifact(run_id, "history.json"))

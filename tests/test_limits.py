@@ -92,15 +92,21 @@ def apps(serve_url, platform_settings, tmp_path_factory) -> Iterator[Apps]:
         }
     )
     actor = {"num_cpus": 0.05, "runtime_env": {"env_vars": {"TMPDIR": str(tmp)}}}
-    serve.run(build_issuer_app(platform_settings), name=ISSUER_APP_NAME,
-              route_prefix=ISSUER_ROUTE_PREFIX)  # fmt: skip
     api = PipelineAPI.options(num_replicas=2, autoscaling_config=None, ray_actor_options=actor)
-    serve.run(api.bind(settings), name="limits-api", route_prefix=API)
     server = MLaaS4HEPServerAPI.options(ray_actor_options=actor)
-    serve.run(server.bind(settings), name="limits-mlaas4hep", route_prefix=SERVER)
     options = TFaaSOptions(max_upload_bytes=UPLOAD_LIMIT, direct_max_rows=0)
     ingress = serve.deployment(TFaaSIngress, name="TFaaSIngress", ray_actor_options=actor)
-    serve.run(ingress.bind(settings, options, None), name="limits-tfaas", route_prefix=TFAAS)
+    # In one call: the replicas of the four apps start together.
+    serve.run_many(
+        [
+            serve.RunTarget(build_issuer_app(platform_settings), name=ISSUER_APP_NAME,
+                            route_prefix=ISSUER_ROUTE_PREFIX),
+            serve.RunTarget(api.bind(settings), name="limits-api", route_prefix=API),
+            serve.RunTarget(server.bind(settings), name="limits-mlaas4hep", route_prefix=SERVER),
+            serve.RunTarget(ingress.bind(settings, options, None), name="limits-tfaas",
+                            route_prefix=TFAAS),
+        ]
+    )  # fmt: skip
     issuer = LocalIssuer(
         platform_settings.issuer_key_dir,
         platform_settings.builtin_issuer_url,
@@ -279,6 +285,8 @@ def test_multipart_data_parts_count_toward_the_quota(apps, tmp_path):
     refused = put_file(apps, "vera", "more.bin", QUOTA - used + 1)
     assert refused.status_code == 413, refused.text
     apps.storage.delete("runs", runs[0])
+    assert apps.stored_files() == ["models/quota/model.json"]  # the name stays reserved
+    apps.storage.delete("models", "quota")
     assert apps.stored_files() == []
 
 

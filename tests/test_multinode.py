@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from conftest import STOP_TIMEOUT
 
 from mlaas4hep.platform.cluster import (
     HeadState,
@@ -81,8 +82,8 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         yield Cluster(settings, head, data_node, compute_node)
     finally:
         for worker in workers:
-            stop_worker(worker)
-        stop_head(settings, keep_logs=False)
+            stop_worker(worker, timeout=STOP_TIMEOUT)
+        stop_head(settings, timeout=STOP_TIMEOUT, keep_logs=False)
     assert _cluster_processes(settings) == [], "processes of the test cluster outlived it"
 
 
@@ -92,7 +93,7 @@ def _wait_for_job(jobs: PipelineJobs, job_id: str, timeout: float = 420.0) -> st
         view = jobs.view(job_id)
         if view is not None and view.state in {"SUCCEEDED", "FAILED", "CANCELLED"}:
             return view.state
-        time.sleep(2.0)
+        time.sleep(0.5)
     raise AssertionError(f"pipeline job {job_id} did not finish in {timeout:.0f} s")
 
 
