@@ -240,6 +240,35 @@ def test_on_an_object_store_a_version_counts_once_its_params_json_is_there(tmp_p
     assert registry.versions("remote") == [1, 3]
 
 
+def test_on_an_object_store_a_staged_bundle_is_registered_by_one_of_its_claimants(tmp_path):
+    from mlaas4hep.platform.jobs import JobView
+    from mlaas4hep.platform.rayjob import register_staged_bundle
+
+    owner = "alice-0123456789"  # an owner id as the issuer makes them
+    storage = Storage(f"memory://staged-{new_run_id()}")
+    runs = RunStore(storage)
+    run_id = new_run_id()
+    runs.create(run_id, owner=owner, name="staged", job_id=run_id)
+    storage.upload_dir(write_test_bundle(tmp_path / "b", "staged", "job"), "runs", run_id, "bundle")
+    job = JobView(run_id, "SUCCEEDED", "", {"owner": owner, "model": "staged", "run_id": run_id})
+    # Two replicas see the job succeed at once: each registers unless the other claimed it.
+    answers: list = []
+    claimants = [
+        threading.Thread(
+            target=lambda: answers.append(register_staged_bundle(storage, runs, run_id, job))
+        )
+        for _ in range(2)
+    ]
+    for thread in claimants:
+        thread.start()
+    for thread in claimants:
+        thread.join()
+    assert ModelRegistry(storage).versions("staged") == [1]
+    assert runs.get(run_id)["state"] == "SUCCEEDED"
+    assert not storage.exists("runs", run_id, "bundle")
+    assert register_staged_bundle(storage, runs, run_id, job) is None  # seen again later
+
+
 def test_a_registration_the_disk_cannot_hold_leaves_nothing_and_the_retry_gets_its_number(
     tmp_path,
 ):

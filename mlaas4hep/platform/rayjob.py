@@ -69,6 +69,8 @@ JOB_ANNOTATION = "mlaas4hep.io/job-id"
 STAGED_BUNDLE = "bundle"
 STAGED_STAGE = "bundle staged"
 _CLAIMED_BUNDLE = ".registering"
+#: Marker of the replica registering a staged bundle on an object store.
+_CLAIM_MARKER = ".registering.claim"
 #: Files of the run folder the API wrote before the job: mounted read-only in the pods.
 READ_ONLY_RUN_FILES = ("spec.json", "model.py", "inputs", "submission.json")
 #: The API's record of who submitted a run (``status.json`` is the job's to write).
@@ -690,11 +692,17 @@ def register_staged_bundle(
     staged = storage.path("runs", run_id, STAGED_BUNDLE)
     claim = ("runs", run_id, _CLAIMED_BUNDLE)
     try:
-        # A rename: atomic on the shared volume, so only one replica wins the claim.
+        # Only one replica wins the claim: a rename is atomic on a shared volume; an object
+        # store moves a folder object by object, so a marker created only-if-absent (a
+        # conditional PUT) decides there first.
         if storage.is_local:
             os.rename(staged, storage.path(*claim))
-        else:
+        elif not storage.exists("runs", run_id, STAGED_BUNDLE):
+            return None
+        elif storage.create_exclusive(run_id.encode(), "runs", run_id, _CLAIM_MARKER):
             storage.fs.mv(staged, storage.path(*claim), recursive=True)
+        else:
+            return runs.get(run_id)
     except OSError:
         return runs.get(run_id) if storage.exists(*claim) else None
     try:

@@ -52,9 +52,15 @@ def deploy(settings: Settings) -> list[str]:
     from ray import serve
 
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    for app in applications(settings):
-        builder = _builder(app.import_path)
-        serve.run(builder(settings), name=app.name, route_prefix=app.route_prefix)
+    # In one call: the replicas of every application start together.
+    serve.run_many(
+        [
+            serve.RunTarget(
+                _builder(app.import_path)(settings), name=app.name, route_prefix=app.route_prefix
+            )
+            for app in applications(settings)
+        ]
+    )
     return [app.name for app in applications(settings)]
 
 
