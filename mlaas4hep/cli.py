@@ -364,8 +364,22 @@ def _default_owner(settings: Settings) -> str:
     return owner_id(default_user(), issuer)
 
 
+def _ray_address(args: argparse.Namespace) -> str | None:
+    """The Ray cluster a data command joins: ``RAY_ADDRESS``, the settings', or the
+    running local head; None when there is none."""
+    settings = _settings(args)
+    return os.environ.get("RAY_ADDRESS") or settings.ray_address or _local_head(settings)
+
+
+def _ray_connected() -> bool:
+    """True when this process is already a Ray driver (without importing Ray)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
 class _ray_session:
-    """Connect to the local platform head if it runs (else start a local Ray); disconnect after.
+    """Connect to the local platform head if it runs (else start a light local Ray: no
+    dashboard, one CPU per core); disconnect after.
 
     Does nothing when this process is already connected.
     """
@@ -379,6 +393,7 @@ class _ray_session:
         import logging
 
         from mlaas4hep.platform.cluster import ensure_ray_token, ray_env
+        from mlaas4hep.platform.execution import usable_cores
 
         # Before Ray is imported: it reads its authentication mode once, at import.
         for key, value in ray_env().items():
@@ -391,11 +406,13 @@ class _ray_session:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         if ray.is_initialized():
             return
-        settings = _settings(self.args)
-        address = os.environ.get("RAY_ADDRESS") or settings.ray_address or _local_head(settings)
+        address = _ray_address(self.args)
+        local: dict = {}
         if not address:
             ensure_ray_token()  # a local Ray started here uses token authentication too
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            # A command's Ray: the dashboard's processes would only take start-up time.
+            local = {"include_dashboard": False, "num_cpus": usable_cores()}
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR", **local)
         self.started = True
         import ray.data
 
@@ -413,18 +430,26 @@ class _ray_session:
 
 
 def _data_command(args: argparse.Namespace, action) -> int:
-    """Check the spec's inputs, then run ``action(spec, summary)`` on a Ray session.
+    """Check the spec's inputs, choose where to run, then run ``action(spec, summary,
+    execution)``: in forked local processes, or on a Ray session.
 
-    Data errors print ``error: ...`` naming the file, branch or field, and give 1.
+    Prints the execution chosen and why. Data errors print ``error: ...`` naming the file,
+    branch or field, and give 1.
     """
-    from mlaas4hep.platform.datasets import error_message
+    from mlaas4hep.platform.datasets import choose_execution, error_message
     from mlaas4hep.platform.rootio import DataError, inspect_inputs
 
     spec = _load_spec_arg(args)
     try:
         summary = inspect_inputs(spec)  # fails fast, before any Ray process starts
-        with _ray_session(args):
-            action(spec, summary)
+        requested = getattr(args, "execution", "auto")
+        execution = choose_execution(spec, summary, requested, _ray_address(args), _ray_connected())
+        print(execution.describe(), flush=True)
+        if execution.kind == "local":
+            action(spec, summary, execution)
+        else:
+            with _ray_session(args):
+                action(spec, summary, execution)
     except DataError as error:
         print(f"error: {error_message(error)}", file=sys.stderr)
         return 1
@@ -435,9 +460,9 @@ def cmd_specs(args: argparse.Namespace) -> int:
     """Compute the specs of a spec's inputs into --out (reused when the inputs are unchanged)."""
     from mlaas4hep.platform.datasets import obtain_specs, write_json
 
-    def action(spec, summary) -> None:
+    def action(spec, summary, execution) -> None:
         reuse = None if args.force else args.out
-        result = obtain_specs(spec, summary, reuse=reuse, pipeline="cli")
+        result = obtain_specs(spec, summary, reuse=reuse, pipeline="cli", execution=execution)
         print(f"{args.out}: {result.why}" if result.reused else f"recomputing: {result.why}")
         write_json(result.document, args.out)
         print(result.describe())
@@ -450,8 +475,10 @@ def cmd_flatten(args: argparse.Namespace) -> int:
     """Flatten a spec's events into Parquet under --out, with the specs.json it used."""
     from mlaas4hep.platform.datasets import EVENTS_DIR, flatten_to_parquet
 
-    def action(spec, summary) -> None:
-        result = flatten_to_parquet(spec, args.out, args.specs, summary, pipeline="cli")
+    def action(spec, summary, execution) -> None:
+        result = flatten_to_parquet(
+            spec, args.out, args.specs, summary, pipeline="cli", execution=execution
+        )
         specs = result.specs
         print(f"{'reused' if specs.reused else 'computed'} specs: {specs.why}")
         print(specs.describe())
@@ -589,6 +616,16 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="model name to register, with --files (default: model)")
 
 
+def _add_execution_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--execution",
+        choices=("auto", "local", "ray"),
+        default="auto",
+        help="where to run: local processes, Ray, or auto (default: Ray when a head runs "
+        "or the inputs need it, else local)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlaas4hep", description="Machine Learning as a Service for HEP, on Ray."
@@ -679,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_platform_options(specs)
     specs.add_argument("--out", default="specs.json", help="specs file (default specs.json)")
     specs.add_argument("--force", action="store_true", help="recompute even if --out is valid")
+    _add_execution_option(specs)
     specs.set_defaults(func=cmd_specs)
 
     flatten = sub.add_parser("flatten", help="flatten a spec's events into Parquet")
@@ -686,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_platform_options(flatten)
     flatten.add_argument("--out", required=True, help="output folder")
     flatten.add_argument("--specs", help="specs file to reuse if computed from the same inputs")
+    _add_execution_option(flatten)
     flatten.set_defaults(func=cmd_flatten)
 
     demo_data = sub.add_parser("demo-data", help="write demo signal/background ROOT files")

@@ -284,6 +284,12 @@ class RootDatasource(Datasource):
     def get_name(self) -> str:
         return "ReadROOT"
 
+    def read_chunk(self, position: int) -> pa.Table:
+        """The events of the chunk at ``position`` of the plan, as its read task yields them
+        (for execution without Ray, :mod:`~mlaas4hep.platform.datasets`)."""
+        chunk = self.chunks[position]
+        return next(iter(_read_chunk(chunk, self.summary, self.timeout, self.pipeline)))
+
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(chunk.nbytes for chunk in self.chunks)
 
@@ -323,7 +329,7 @@ def read_events(
     ``spec.shuffle == "blocks"`` permutes the read tasks. ``pipeline`` (a run id) tags
     the read metrics.
     """
-    return _read(_source(spec, summary, timeout, pipeline), spec)
+    return _read(root_datasource(spec, summary, timeout, pipeline), spec)
 
 
 def read_events_once(
@@ -340,7 +346,7 @@ def read_events_once(
     once into the object store (blocking until read) and every pass reuses them;
     otherwise each pass streams them from the files again, in bounded memory.
     """
-    source = _source(spec, summary, timeout, pipeline)
+    source = root_datasource(spec, summary, timeout, pipeline)
     events = _read(source, spec)
     if spec.cache_events == "never":
         return events
@@ -359,9 +365,13 @@ def read_events_once(
     return materialize_unreserved(events)
 
 
-def _source(
-    spec: PipelineSpec, summary: InputsSummary | None, timeout: float, pipeline: str
+def root_datasource(
+    spec: PipelineSpec,
+    summary: InputsSummary | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    pipeline: str = "none",
 ) -> RootDatasource:
+    """The datasource of ``spec``'s events, planned as :func:`read_events` reads them."""
     summary = summary or inspect_inputs(spec, timeout)
     events = events_per_file([f.entries for f in summary.files], spec.nevts)
     order = "blocks" if spec.shuffle == "blocks" else "none"

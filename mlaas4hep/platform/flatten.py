@@ -109,14 +109,19 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
 
 
 def flatten_columns(
-    columns: Mapping[str, Any], specs: FeatureSpecs, pad: float = math.nan
+    columns: Mapping[str, Any],
+    specs: FeatureSpecs,
+    pad: float = math.nan,
+    scratch_output: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flatten a block of events given as a mapping of branch name to values.
 
     Values may be Arrow, numpy, awkward arrays or Python lists (see
     :func:`~mlaas4hep.platform.columns.as_column`). Returns ``(features, mask)``:
     float32 and uint8 matrices of shape ``[n_events, specs.n_features]``, mask 1 where
-    a slot is padded. Raises :class:`DataError` naming a missing or unusable branch.
+    a slot is padded. With ``scratch_output`` they are this thread's scratch buffers,
+    overwritten by its next call (for a caller that writes them out at once). Raises
+    :class:`DataError` naming a missing or unusable branch.
     """
     keys = [*specs.fkeys, *specs.jkeys]
     n = _column(columns, keys[0], None).num_events if keys else 0
@@ -140,8 +145,11 @@ def flatten_columns(
     jdim = np.array([specs.jdim[key] for key in jkeys], dtype=np.int64)
     jcol = len(specs.fkeys) + np.cumsum(jdim) - jdim  # first column of each jagged key
 
-    features = np.empty((n, specs.n_features), dtype=np.float32)
-    mask = np.empty((n, specs.n_features), dtype=np.uint8)
+    shape = (n, specs.n_features)
+    if scratch_output:
+        features, mask = _scratch("features", shape, np.float32), _scratch("mask", shape, np.uint8)
+    else:
+        features, mask = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.uint8)
     # Most jagged slots are padding: filled in bulk first, the kernel writes the values.
     nflat = len(specs.fkeys)
     features[:, nflat:] = pad
@@ -160,11 +168,18 @@ def to_model_input(features: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(features), np.float32(0.0), features)
 
 
-def _flatten_batch(
-    batch: pa.Table, specs: FeatureSpecs, pad: float, identifiers: Sequence[str]
+def flatten_table(
+    batch: pa.Table,
+    specs: FeatureSpecs,
+    pad: float,
+    identifiers: Sequence[str],
+    scratch_output: bool = False,
 ) -> dict[str, np.ndarray]:
+    """Flatten one block of events as ``read_events`` makes it: ``features``, ``mask``,
+    ``label`` (float32) and the ``identifiers``; what a Ray task and a local worker
+    run for each block alike. ``scratch_output``: see :func:`flatten_columns`."""
     columns = {name: batch.column(name) for name in batch.column_names}
-    features, mask = flatten_columns(columns, specs, pad)
+    features, mask = flatten_columns(columns, specs, pad, scratch_output)
     out = {
         FEATURES_COLUMN: features,
         MASK_COLUMN: mask,
@@ -186,7 +201,7 @@ def flatten_dataset(
     to ``features`` before feeding a model.
     """
     return ds.map_batches(
-        _flatten_batch,
+        flatten_table,
         batch_format="pyarrow",
         batch_size=None,
         zero_copy_batch=True,

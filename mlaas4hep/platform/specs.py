@@ -23,8 +23,9 @@ the values beyond the cap that flattening drops) and ``inputs`` (the fingerprint
 inputs the specs were computed from, see :mod:`mlaas4hep.platform.datasets`).
 
 :func:`compute_specs` is a map-reduce over a Ray Dataset: each block yields its own
-small :class:`FeatureSpecs` (:func:`block_specs`), and the driver merges those
-(:func:`merge_specs`); the event data never leaves the workers.
+small :class:`FeatureSpecs` (:func:`table_specs`), and the driver merges those
+(:func:`merged_specs`); the event data never leaves the workers. Local execution
+(:mod:`~mlaas4hep.platform.datasets`) runs the same two functions in forked processes.
 """
 
 from __future__ import annotations
@@ -214,12 +215,41 @@ def merge_specs(a: FeatureSpecs, b: FeatureSpecs) -> FeatureSpecs:
     return merged
 
 
-def _specs_of_batch(
-    batch: pa.Table, exclude: list[str], file_paths: list[str], max_jagged_dim: int | None
-) -> pa.Table:
-    columns = {name: batch.column(name) for name in batch.column_names}
-    specs = block_specs(columns, exclude, file_paths, max_jagged_dim)
-    return pa.table({"specs": [json.dumps(specs.to_dict())]})
+def specs_options(spec: PipelineSpec) -> dict[str, Any]:
+    """The keyword arguments of :func:`table_specs` for ``spec``'s inputs."""
+    return {
+        "exclude": list(spec.identifier),
+        "file_paths": spec.resolved_paths(),
+        "max_jagged_dim": spec.max_jagged_dim,
+    }
+
+
+def table_specs(
+    table: pa.Table, exclude: list[str], file_paths: list[str], max_jagged_dim: int | None
+) -> FeatureSpecs:
+    """Specs of one block of events as ``read_events`` makes it (see :func:`specs_options`);
+    what a Ray task and a local worker compute for each block alike."""
+    columns = {name: table.column(name) for name in table.column_names}
+    return block_specs(columns, exclude, file_paths, max_jagged_dim)
+
+
+def _specs_of_batch(batch: pa.Table, **options: Any) -> pa.Table:
+    return pa.table({"specs": [json.dumps(table_specs(batch, **options).to_dict())]})
+
+
+def merged_specs(parts: Iterable[FeatureSpecs], spec: PipelineSpec) -> FeatureSpecs:
+    """The specs of all the blocks whose specs are ``parts``, finalized for ``spec``.
+
+    The result does not depend on the order of ``parts``: ``events`` lists the total,
+    then the files in the spec's order. Raises ``ValueError`` when there are none.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("specs: the dataset holds no events")
+    specs = reduce(merge_specs, parts).finalize(spec.max_jagged_dim)
+    order = ["total", *spec.resolved_paths()]
+    specs.events = {key: specs.events[key] for key in order if key in specs.events}
+    return specs
 
 
 def compute_specs(ds: ray.data.Dataset, spec: PipelineSpec) -> FeatureSpecs:
@@ -229,21 +259,14 @@ def compute_specs(ds: ray.data.Dataset, spec: PipelineSpec) -> FeatureSpecs:
     summaries come back to be merged. ``jdim`` is capped by ``spec.max_jagged_dim``,
     and the values the cap drops are counted in ``truncated``.
     """
-    file_paths = spec.resolved_paths()
     partial = unreserved(  # a few kilobytes a block: nothing to hold back
         ds.map_batches(
             _specs_of_batch,
             batch_format="pyarrow",
             batch_size=None,
             zero_copy_batch=True,
-            fn_kwargs={
-                "exclude": list(spec.identifier),
-                "file_paths": file_paths,
-                "max_jagged_dim": spec.max_jagged_dim,
-            },
+            fn_kwargs=specs_options(spec),
         )
     )
     parts = [FeatureSpecs.from_dict(json.loads(row["specs"])) for row in partial.take_all()]
-    if not parts:
-        raise ValueError("specs: the dataset holds no events")
-    return reduce(merge_specs, parts).finalize(spec.max_jagged_dim)
+    return merged_specs(parts, spec)
