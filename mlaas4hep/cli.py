@@ -299,8 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or os.environ.get("MLAAS4HEP_RUN_ID") or new_run_id()
     storage = Storage(settings.storage)
     spec = _confined_if_submitted(spec, settings, storage, run_id)
-    address = os.environ.get("RAY_ADDRESS") or settings.ray_address or _local_head(settings)
-    ray.init(address=address, log_to_driver=True)
+    ray.init(address=_cluster_address(settings), log_to_driver=True)
     try:
         record = run_pipeline(spec, run_id, owner, storage)
     finally:
@@ -364,11 +363,15 @@ def _default_owner(settings: Settings) -> str:
     return owner_id(default_user(), issuer)
 
 
-def _ray_address(args: argparse.Namespace) -> str | None:
-    """The Ray cluster a data command joins: ``RAY_ADDRESS``, the settings', or the
-    running local head; None when there is none."""
-    settings = _settings(args)
+def _cluster_address(settings: Settings) -> str | None:
+    """The Ray cluster a command joins: ``RAY_ADDRESS``, the settings', or the running
+    local head; None when there is none."""
     return os.environ.get("RAY_ADDRESS") or settings.ray_address or _local_head(settings)
+
+
+def _ray_address(args: argparse.Namespace) -> str | None:
+    """:func:`_cluster_address` of the command's settings."""
+    return _cluster_address(_settings(args))
 
 
 def _ray_connected() -> bool:
@@ -621,8 +624,8 @@ def _add_execution_option(parser: argparse.ArgumentParser) -> None:
         "--execution",
         choices=("auto", "local", "ray"),
         default="auto",
-        help="where to run: local processes, Ray, or auto (default: Ray when a head runs "
-        "or the inputs need it, else local)",
+        help="where to run: local processes, Ray, or auto (default: local for local files, "
+        "Ray when the inputs need it: remote files, global shuffle, read resources)",
     )
 
 

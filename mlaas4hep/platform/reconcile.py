@@ -110,9 +110,10 @@ def _lost_job(settler: RunSettler, record: dict[str, Any], state: RunState) -> d
         record = settler.runs.update(
             run_id, only_if={state}, stage="resubmitted", resubmits=resubmits + 1
         )
-        spec_uri = settler.storage.uri("runs", run_id, "spec.json")
         try:
-            settler.jobs.submit(run_id, record["owner"], spec_uri, job_id=job_id)
+            settler.jobs.submit(
+                run_id, record["owner"], settler.runs.spec_uri(run_id), job_id=job_id
+            )
         except Exception as error:  # the cluster refused it: the next round tries again
             logger.warning(
                 "run %s: submitting its lost job %s again failed: %s", run_id, job_id, error

@@ -192,10 +192,9 @@ class ModelRegistry:
         train it); :class:`ModelNameTaken` when another owner holds it."""
         check_model_name(name)
         with self._locked(name) as data:
+            checked = self._check_owner(name, data, owner)
             if data is None:
-                self._write_record(self._check_owner(name, data, owner))
-            else:
-                self._check_owner(name, data, owner)
+                self._write_record(checked)
 
     def record(self, name: str) -> ModelRecord:
         """The record of ``name``; :class:`ModelNotFound` if it has no published version."""

@@ -93,6 +93,10 @@ class RunStore:
         self.storage.write_json(record, "runs", run_id, "status.json")
         return record
 
+    def spec_uri(self, run_id: str) -> str:
+        """URI of the spec a run's job reads (``runs/<run_id>/spec.json``)."""
+        return self.storage.uri("runs", check_run_id(run_id), "spec.json")
+
     def get(self, run_id: str) -> dict[str, Any]:
         check_run_id(run_id)
         try:

@@ -297,7 +297,7 @@ def start_pipeline(
     except QuotaExceeded as error:
         raise ApiError(413, f"pipeline submission: {error}") from None
     try:
-        ctx.jobs.submit(run_id, principal.owner, ctx.storage.uri("runs", run_id, "spec.json"))
+        ctx.jobs.submit(run_id, principal.owner, ctx.runs.spec_uri(run_id))
     except Exception as error:
         ctx.runs.update(run_id, state=RunState.FAILED, message=f"submission failed: {error}")
         raise ApiError(503, f"the cluster did not accept the pipeline: {error}") from None
@@ -350,9 +350,8 @@ def resume_pipeline(ctx: ApiContext, record: dict[str, Any]) -> dict[str, Any]:
         )
     except RunStateConflict as error:
         raise ApiError(409, f"pipeline {run_id!r}: {error.state.lower()} meanwhile") from None
-    spec_uri = ctx.storage.uri("runs", run_id, "spec.json")
     try:
-        ctx.jobs.submit(run_id, record["owner"], spec_uri, job_id=job_id)
+        ctx.jobs.submit(run_id, record["owner"], ctx.runs.spec_uri(run_id), job_id=job_id)
     except Exception as error:
         ctx.runs.update(run_id, state=RunState.FAILED, message=f"resume failed: {error}")
         raise ApiError(503, f"the cluster did not accept the pipeline: {error}") from None
