@@ -44,7 +44,7 @@ format: setup
 	$(BIN)/ruff format mlaas4hep tests benchmarks
 	$(BIN)/ruff check --fix mlaas4hep tests benchmarks
 
-## grpc-protos: regenerate mlaas4hep/serve/grpc_predict_v2_pb2*.py from the .proto beside
+## grpc-protos: regenerate mlaas4hep/serve/protocols/grpc_predict_v2_pb2*.py from the .proto beside
 ## them with grpcio-tools (in a throwaway venv); the messages go into a private descriptor
 ## pool, as tritonclient defines the same `inference.*` names in the default one
 GRPC_TOOLS := grpcio-tools==1.85.1
@@ -53,11 +53,11 @@ grpc-protos:
 	test -x $(PROTOC_VENV)/bin/python || $(PYTHON) -m venv $(PROTOC_VENV)
 	$(PROTOC_VENV)/bin/pip install --quiet $(GRPC_TOOLS)
 	$(PROTOC_VENV)/bin/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
-		mlaas4hep/serve/grpc_predict_v2.proto
+		mlaas4hep/serve/protocols/grpc_predict_v2.proto
 	sed -i -e 's/_descriptor_pool.Default().AddSerializedFile(/_POOL.AddSerializedFile(/' \
 		-e 's/^_sym_db = .*/&\n_POOL = _descriptor_pool.DescriptorPool()  # private pool/' \
-		mlaas4hep/serve/grpc_predict_v2_pb2.py
-	$(BIN)/python -c 'import tritonclient.grpc, mlaas4hep.serve.grpc_predict_v2_pb2_grpc'
+		mlaas4hep/serve/protocols/grpc_predict_v2_pb2.py
+	$(BIN)/python -c 'import tritonclient.grpc, mlaas4hep.serve.protocols.grpc_predict_v2_pb2_grpc'
 
 ## down: stop the embedded platform
 down: setup

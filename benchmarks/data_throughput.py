@@ -59,7 +59,7 @@ CORES = os.cpu_count() or 1
 
 def replicate(source: Path, tree: str, target: Path, events: int, basket: int) -> list[str]:
     """Write ``events`` events of ``source``'s numeric branches (replicated) to ``target``."""
-    from mlaas4hep.platform.rootio import tree_branches
+    from mlaas4hep.data.rootio import tree_branches
 
     inp = uproot.open(source)[tree]
     names = [b.name for b in tree_branches(inp) if b.kind != "unsupported"]
@@ -77,7 +77,7 @@ def replicate(source: Path, tree: str, target: Path, events: int, basket: int) -
 
 
 def spec_for(path: str, **extra):
-    from mlaas4hep.platform.config import parse_spec
+    from mlaas4hep.spec import parse_spec
 
     return parse_spec({"files": [{"path": path, "label": 1}], **extra})
 
@@ -124,8 +124,8 @@ def timed(function: Callable[[], object]) -> Timing:
 
 
 def platform_specs(spec, summary):
-    from mlaas4hep.platform.datasource import read_events
-    from mlaas4hep.platform.specs import compute_specs
+    from mlaas4hep.data.datasource import read_events
+    from mlaas4hep.data.features import compute_specs
 
     return compute_specs(read_events(spec, summary, pipeline="benchmark"), spec)
 
@@ -136,9 +136,9 @@ def platform_full(spec, summary) -> int:
     With ``spec.cache_events`` (default ``auto``) the events are read once when they fit
     a quarter of the object store; ``never`` reads the files in both passes.
     """
-    from mlaas4hep.platform.datasource import read_events_once
-    from mlaas4hep.platform.flatten import flatten_dataset
-    from mlaas4hep.platform.specs import compute_specs
+    from mlaas4hep.data.datasource import read_events_once
+    from mlaas4hep.data.features import compute_specs
+    from mlaas4hep.data.flatten import flatten_dataset
 
     events = read_events_once(spec, summary, pipeline="benchmark")
     flat = flatten_dataset(events, compute_specs(events, spec), spec)
@@ -152,8 +152,8 @@ def platform_flatten_only(spec, summary, specs) -> Timing:
     """Seconds to flatten events already materialized in the object store."""
     import ray
 
-    from mlaas4hep.platform.datasource import read_events
-    from mlaas4hep.platform.flatten import flatten_dataset
+    from mlaas4hep.data.datasource import read_events
+    from mlaas4hep.data.flatten import flatten_dataset
 
     cached = read_events(spec, summary).materialize()
 
@@ -169,7 +169,7 @@ def platform_flatten_only(spec, summary, specs) -> Timing:
 
 
 def baseline_iterate(path: str, names: list[str], step: int):
-    from mlaas4hep.platform.rootio import open_options
+    from mlaas4hep.data.rootio import open_options
 
     source = {path: "Events"}
     options = {k: v for k, v in open_options(path).items() if k != "array_cache"}  # iterate's own
@@ -177,7 +177,7 @@ def baseline_iterate(path: str, names: list[str], step: int):
 
 
 def baseline_specs(path: str, names: list[str], step: int):
-    from mlaas4hep.platform.specs import block_specs, merge_specs
+    from mlaas4hep.data.features import block_specs, merge_specs
 
     parts = [
         block_specs({n: chunk[n] for n in names}) for chunk in baseline_iterate(path, names, step)
@@ -186,7 +186,7 @@ def baseline_specs(path: str, names: list[str], step: int):
 
 
 def baseline_full(path: str, names: list[str], step: int) -> int:
-    from mlaas4hep.platform.flatten import flatten_columns
+    from mlaas4hep.data.flatten import flatten_columns
 
     specs = baseline_specs(path, names, step)
     rows = 0
@@ -196,7 +196,7 @@ def baseline_full(path: str, names: list[str], step: int) -> int:
 
 
 def baseline_flatten_only(path: str, names: list[str], step: int, specs) -> Timing:
-    from mlaas4hep.platform.flatten import flatten_columns
+    from mlaas4hep.data.flatten import flatten_columns
 
     chunks = [{n: chunk[n] for n in names} for chunk in baseline_iterate(path, names, step)]
     flatten_columns(chunks[0], specs)  # loads the compiled kernel, once per process
@@ -214,7 +214,7 @@ def baseline_flatten_only(path: str, names: list[str], step: int, specs) -> Timi
 def baseline_step(summary, basket: int) -> int:
     """The baseline's events per ``uproot.iterate`` step: what a platform read task gets
     without ``chunk_size`` (about ``TASK_BYTES``), in whole baskets."""
-    from mlaas4hep.platform.datasource import TASK_BYTES
+    from mlaas4hep.data.datasource import TASK_BYTES
 
     events = int(TASK_BYTES / summary.files[0].bytes_per_entry)
     return max(basket, events // basket * basket)
@@ -223,7 +223,7 @@ def baseline_step(summary, basket: int) -> int:
 def measure(
     label: str, path: str, events: int, chunk_size: int | None, basket: int, flatten_only: bool
 ) -> list[dict]:
-    from mlaas4hep.platform.rootio import inspect_inputs
+    from mlaas4hep.data.rootio import inspect_inputs
 
     spec = spec_for(path, chunk_size=chunk_size)
     summary = inspect_inputs(spec)
@@ -284,7 +284,7 @@ def memory_probe(path: str, nevts: int, address: str) -> None:
     """Run (c) on ``nevts`` events of ``path`` as a driver of ``address``; print peak RSS."""
     import ray
 
-    from mlaas4hep.platform.rootio import inspect_inputs
+    from mlaas4hep.data.rootio import inspect_inputs
 
     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     spec = spec_for(path, nevts=nevts)
@@ -351,7 +351,7 @@ def main() -> int:
         start_head,
         stop_head,
     )
-    from mlaas4hep.platform.settings import load_settings
+    from mlaas4hep.settings import load_settings
 
     os.environ.update({k: v for k, v in ray_env().items() if k not in os.environ})
     import ray

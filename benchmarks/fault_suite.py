@@ -53,12 +53,12 @@ import psutil
 import yaml
 from serve_latency import RESULTS, Platform, bodies, hey, machine, tarball, train_bundles
 
-from mlaas4hep.client import PlatformClient
+from mlaas4hep.cli.client import PlatformClient
 from mlaas4hep.platform.cluster import head_processes
-from mlaas4hep.platform.registry import ModelRegistry
-from mlaas4hep.platform.runs import RunStore, new_run_id
-from mlaas4hep.platform.settings import ENV_PREFIX, Settings, load_settings
-from mlaas4hep.platform.storage import Storage
+from mlaas4hep.settings import ENV_PREFIX, Settings, load_settings
+from mlaas4hep.store.registry import ModelRegistry
+from mlaas4hep.store.runs import RunStore, new_run_id
+from mlaas4hep.store.storage import Storage
 
 RECONCILE_ENV = {"MLAAS4HEP_RECONCILE_INTERVAL_S": "5", "MLAAS4HEP_RECONCILE_GRACE_S": "20"}
 FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
@@ -255,7 +255,7 @@ def replica_killed(suite: Suite, seconds: int, concurrency: int, kill_at: float)
 
 def demo_spec(folder: Path, epochs: int) -> Path:
     """The demo pipeline, one training worker that may fail once, slow enough epochs."""
-    from mlaas4hep.quickstart import write_demo_inputs
+    from mlaas4hep.cli.quickstart import write_demo_inputs
 
     path = write_demo_inputs(folder, events=1500, epochs=epochs)
     spec = yaml.safe_load(path.read_text())
@@ -482,7 +482,7 @@ def run_faults(suite: Suite, args: argparse.Namespace) -> list[Outcome]:
     attempt("storage full", lambda: storage_full(suite))
     attempt("replica killed", lambda: replica_killed(suite, args.seconds, args.concurrency, 5.0))
     spec = demo_spec(suite.work / "demo", args.epochs)
-    from mlaas4hep.platform.config import load_spec
+    from mlaas4hep.spec import load_spec
 
     run_id = suite.api().submit(load_spec(spec))["id"]
     attempt("worker killed", lambda: worker_killed(suite, run_id))

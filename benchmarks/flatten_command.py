@@ -213,9 +213,9 @@ def main() -> int:
     env["RAY_AUTH_TOKEN_PATH"] = str(work / "ray_token")
     env.pop("RAY_ADDRESS", None)
     os.environ.update({k: env[k] for k in ("MLAAS4HEP_HOME", "RAY_AUTH_TOKEN_PATH")})
+    from mlaas4hep.data.execution import usable_cores
     from mlaas4hep.platform.cluster import free_port, ray_env, start_head, stop_head
-    from mlaas4hep.platform.execution import usable_cores
-    from mlaas4hep.platform.settings import load_settings
+    from mlaas4hep.settings import load_settings
 
     cores = usable_cores()
     ports = {"port": free_port(), "ray_port": free_port(), "dashboard_port": free_port()}

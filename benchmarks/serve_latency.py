@@ -77,9 +77,9 @@ def train_bundles(folder: Path, events: int = 4000) -> tuple[dict[str, Path], np
     import tf_keras
     import uproot
 
-    from mlaas4hep.platform.demo import DEMO_TREE, write_demo_data
-    from mlaas4hep.platform.flatten import flatten_columns, to_model_input
-    from mlaas4hep.platform.specs import FeatureSpecs
+    from mlaas4hep.cli.demo import DEMO_TREE, write_demo_data
+    from mlaas4hep.data.features import FeatureSpecs
+    from mlaas4hep.data.flatten import flatten_columns, to_model_input
 
     specs = FeatureSpecs.from_dict(SPECS)
     xs, ys = [], []

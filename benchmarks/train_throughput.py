@@ -1,7 +1,7 @@
 """Training throughput: the platform (Ray Train, 1 and 2 workers) against plain Keras.
 
 Every configuration trains the same declarative MLP on the flattened features of the
-demo data (``mlaas4hep.platform.demo.write_demo_data``), with the same global batch and
+demo data (``mlaas4hep.cli.demo.write_demo_data``), with the same global batch and
 epochs, in one run on this machine:
 
 * ``keras``: plain ``tf_keras`` ``model.fit`` in this process on the features held in
@@ -49,7 +49,7 @@ def build_spec(
     folder: Path, events: int, epochs: int, batch_size: int, workers: int, cache: bool = True
 ):
     """The pipeline spec of the benchmark's demo data (no validation or test split)."""
-    from mlaas4hep.platform.config import parse_spec
+    from mlaas4hep.spec import parse_spec
 
     return parse_spec(
         {
@@ -76,10 +76,10 @@ def build_spec(
 
 def flat_dataset(spec):
     """The lazy (streaming) flattened Ray Dataset of ``spec`` and its number of features."""
-    from mlaas4hep.platform.datasource import read_events
-    from mlaas4hep.platform.flatten import flatten_dataset
-    from mlaas4hep.platform.rootio import inspect_inputs
-    from mlaas4hep.platform.specs import compute_specs
+    from mlaas4hep.data.datasource import read_events
+    from mlaas4hep.data.features import compute_specs
+    from mlaas4hep.data.flatten import flatten_dataset
+    from mlaas4hep.data.rootio import inspect_inputs
 
     events = read_events(spec, inspect_inputs(spec))
     specs = compute_specs(events, spec)
@@ -157,7 +157,7 @@ def main() -> None:
 
     import ray
 
-    from mlaas4hep.platform.demo import write_demo_data
+    from mlaas4hep.cli.demo import write_demo_data
     from mlaas4hep.train.trainer import to_model_input
 
     work = Path(tempfile.mkdtemp(prefix="mlaas4hep-bench-train-"))

@@ -2,6 +2,6 @@
 
 import sys
 
-from mlaas4hep.cli import main
+from mlaas4hep.cli.main import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
 """The platform's HTTP APIs in the test process, over storage in a temporary folder.
 
 :class:`LocalApis` mounts the pipeline API (``/api/v1``) and the MLaaS4HEP server API
-(``/mlaas4hep``) over one :class:`~mlaas4hep.serve.pipeline_api.ApiContext`, as the
+(``/mlaas4hep``) over one :class:`~mlaas4hep.serve.apps.pipeline_api.ApiContext`, as the
 platform serves them, and calls them through ``httpx.ASGITransport`` with tokens of a
 real issuer served on loopback (:mod:`auth_fixtures`). No Ray cluster is behind it: its
 Jobs API address is a closed port, so a submission that passes every check is answered
@@ -23,9 +23,9 @@ from conftest import free_port
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from mlaas4hep.platform.auth import owner_id
-from mlaas4hep.platform.issuer import LocalIssuer
-from mlaas4hep.platform.storage import Storage
+from mlaas4hep.auth.issuer import LocalIssuer
+from mlaas4hep.auth.oidc import owner_id
+from mlaas4hep.store.storage import Storage
 
 AUDIENCE = "mlaas4hep"
 
@@ -34,9 +34,11 @@ class LocalApis:
     """The pipeline and MLaaS4HEP server APIs of one context, called in process."""
 
     def __init__(self, settings: Any, issuer: LocalIssuer) -> None:
-        from mlaas4hep.serve.mlaas4hep_server import create_mlaas4hep_server_api
-        from mlaas4hep.serve.pipeline_api import ApiContext, create_pipeline_api
-        from mlaas4hep.serve.tfaas import TFaaSOptions, TFaaSService, create_app
+        from mlaas4hep.serve.apps.context import ApiContext
+        from mlaas4hep.serve.apps.inference import create_app
+        from mlaas4hep.serve.apps.mlaas4hep_server import create_mlaas4hep_server_api
+        from mlaas4hep.serve.apps.pipeline_api import create_pipeline_api
+        from mlaas4hep.serve.dataplane import DataPlane, TFaaSOptions
 
         self.settings = settings
         self.issuer = issuer
@@ -44,7 +46,7 @@ class LocalApis:
         self.apps = {
             "/api/v1": create_pipeline_api(self.ctx),
             "/mlaas4hep": create_mlaas4hep_server_api(self.ctx),
-            "/tfaas": create_app(TFaaSService(settings, TFaaSOptions(), None, self.ctx.validator)),
+            "/tfaas": create_app(DataPlane(settings, TFaaSOptions(), None, self.ctx.validator)),
         }
         self._tokens: dict[str, str] = {}
 

@@ -1,8 +1,8 @@
 """Test helpers for tokens: real issuers on a loopback HTTP server, and forged JWTs.
 
 :class:`IssuerServer` runs uvicorn in a thread and mounts the real issuer endpoints
-(:func:`mlaas4hep.serve.issuer_app.create_issuer_api`) of several
-:class:`~mlaas4hep.platform.issuer.LocalIssuer` at ``http://127.0.0.1:<port>/<name>``,
+(:func:`mlaas4hep.serve.apps.issuer_app.create_issuer_api`) of several
+:class:`~mlaas4hep.auth.issuer.LocalIssuer` at ``http://127.0.0.1:<port>/<name>``,
 counting the requests per path so tests can see when keys are fetched.
 """
 
@@ -25,8 +25,8 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.types import Receive, Scope, Send
 
-from mlaas4hep.platform.auth import AuthConfig, AuthError, Principal, TokenValidator
-from mlaas4hep.platform.issuer import LocalIssuer
+from mlaas4hep.auth.issuer import LocalIssuer
+from mlaas4hep.auth.oidc import AuthConfig, AuthError, Principal, TokenValidator
 
 
 class IssuerServer:
@@ -68,7 +68,7 @@ class IssuerServer:
         """Serve ``issuer``'s endpoints at ``<base_url>/<name>`` (its own URL or not)."""
         # Imported here: importing Ray before the session's Ray fixtures configure its
         # token authentication would leave the driver without the token.
-        from mlaas4hep.serve.issuer_app import create_issuer_api
+        from mlaas4hep.serve.apps.issuer_app import create_issuer_api
 
         self._router.router.routes.append(Mount(f"/{name}", app=create_issuer_api(issuer)))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mlaas4hep.data.rootio import load_xrootd_client
 from mlaas4hep.platform.cluster import free_port
-from mlaas4hep.platform.rootio import load_xrootd_client
 
 __all__ = ["STOP_TIMEOUT", "free_port"]
 
@@ -72,7 +72,7 @@ def platform_settings(platform_home: Path, tmp_path_factory: pytest.TempPathFact
     and the tests' temporary folders (shared data roots) and the session's xrootd; set in
     the environment, so the head's pipeline jobs check their specs with the same rules.
     """
-    from mlaas4hep.platform.settings import load_settings
+    from mlaas4hep.settings import load_settings
 
     roots = f"{SHARED_DATA},{tmp_path_factory.getbasetemp()}"
     os.environ["MLAAS4HEP_SHARED_DATA_ROOTS"] = roots

@@ -1,11 +1,11 @@
-"""MLaaS4HEP's own example inputs (tests/data/mlaas4hep, see its README) for the tests."""
+"""MLaaS4HEP's own example inputs (tests/inputs/mlaas4hep, see its README) for the tests."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-EXAMPLES = Path(__file__).parent / "data" / "mlaas4hep"
+EXAMPLES = Path(__file__).parent / "inputs" / "mlaas4hep"
 #: The shared data's one file with MLaaS4HEP's tree name (``Events``), as its examples read.
 NANOAOD = "nanoAOD_2015_CMS_Open_Data_ttbar.root"
 

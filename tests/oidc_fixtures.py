@@ -185,8 +185,9 @@ def api_settings(platform_settings, issuer: str, **changes: Any):
 def serve_apis(settings, workdir: Path) -> IssuerServer:
     """The pipeline API at /api/v1 and the MLaaS4HEP server API at /mlaas4hep, over one
     context, served on loopback (``.base_url``)."""
-    from mlaas4hep.serve.mlaas4hep_server import create_mlaas4hep_server_api
-    from mlaas4hep.serve.pipeline_api import ApiContext, create_pipeline_api
+    from mlaas4hep.serve.apps.context import ApiContext
+    from mlaas4hep.serve.apps.mlaas4hep_server import create_mlaas4hep_server_api
+    from mlaas4hep.serve.apps.pipeline_api import create_pipeline_api
 
     ctx = ApiContext.from_settings(settings)
     server = IssuerServer(workdir)

@@ -7,7 +7,7 @@ from typing import Any
 
 import uproot
 
-from mlaas4hep.platform.config import PipelineSpec, parse_spec
+from mlaas4hep.spec import PipelineSpec, parse_spec
 
 
 def one_file_spec(path: str | Path, tree: str, label: int = 1, **extra: Any) -> PipelineSpec:

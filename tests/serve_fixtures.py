@@ -152,14 +152,14 @@ class TFaaS:
         return {"Authorization": f"Bearer {self.token(sub)}"}
 
     def owner(self, sub: str = "alice") -> str:
-        from mlaas4hep.platform.auth import owner_id
+        from mlaas4hep.auth.oidc import owner_id
 
         return owner_id(sub, self.issuer.issuer_url)
 
     @property
     def registry(self) -> Any:
-        from mlaas4hep.platform.registry import ModelRegistry
-        from mlaas4hep.platform.storage import Storage
+        from mlaas4hep.store.registry import ModelRegistry
+        from mlaas4hep.store.storage import Storage
 
         return ModelRegistry(Storage(self.settings.storage))
 
@@ -173,13 +173,14 @@ def tfaas(serve_url: str, platform_settings: Any) -> TFaaS:
     the built-in issuer app its tokens come from."""
     from ray import serve
 
-    from mlaas4hep.platform.issuer import LocalIssuer
-    from mlaas4hep.serve.issuer_app import (
+    from mlaas4hep.auth.issuer import LocalIssuer
+    from mlaas4hep.serve.apps.inference import tfaas_application
+    from mlaas4hep.serve.apps.issuer_app import (
         ISSUER_APP_NAME,
         ISSUER_ROUTE_PREFIX,
         build_issuer_app,
     )
-    from mlaas4hep.serve.tfaas import TFaaSOptions, tfaas_application
+    from mlaas4hep.serve.dataplane import TFaaSOptions
 
     options = TFaaSOptions(
         ingress_min_replicas=2,

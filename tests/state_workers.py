@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlaas4hep.platform.registry import ModelNameTaken, ModelRegistry
-from mlaas4hep.platform.runs import RunStore
-from mlaas4hep.platform.storage import Storage
+from mlaas4hep.store.registry import ModelNameTaken, ModelRegistry
+from mlaas4hep.store.runs import RunStore
+from mlaas4hep.store.storage import Storage
 
 #: Size of the payload file of a test bundle: big enough that copies take a while.
 PAYLOAD_BYTES = 200_000

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from serve_fixtures import FEATURES, local_predict, make_bundle, tarball
 
-from mlaas4hep.serve.bundle import (
+from mlaas4hep.bundle import (
     BundleError,
     InputError,
     UploadLimits,

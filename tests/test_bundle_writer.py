@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from mlaas4hep.platform.config import MLPSpec, ModelSpec
-from mlaas4hep.train.bundle import write_bundle
+from mlaas4hep.bundle import write_bundle
+from mlaas4hep.spec import MLPSpec, ModelSpec
 from mlaas4hep.train.metrics import evaluate
 from mlaas4hep.train.models import build_model
 
@@ -93,7 +93,7 @@ def test_bundle_files_carry_tfaas_params_and_metadata(trained, tmp_path):
 
 
 def test_bundle_is_accepted_by_the_model_server_checks(trained, tmp_path):
-    from mlaas4hep.serve.bundle import check_bundle_dir
+    from mlaas4hep.bundle import check_bundle_dir
 
     out = bundle(trained, tmp_path / "bundle")
     assert check_bundle_dir(out, "higgs")["model"] == "model.keras"

@@ -6,8 +6,8 @@ import json
 
 from conftest import REPO
 
-from mlaas4hep.cli import openapi_documents
-from mlaas4hep.platform.settings import load_settings
+from mlaas4hep.cli.main import openapi_documents
+from mlaas4hep.settings import load_settings
 
 
 def test_committed_openapi_documents_match_the_apps():

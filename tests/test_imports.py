@@ -14,7 +14,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 def test_xrootd_client_loaded_first_survives_tensorflow():
     done = _python(
-        "from mlaas4hep.platform.rootio import load_xrootd_client; load_xrootd_client(); "
+        "from mlaas4hep.data.rootio import load_xrootd_client; load_xrootd_client(); "
         "import tensorflow; from XRootD import client; print('ok')"
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -24,14 +24,15 @@ def test_xrootd_client_loaded_first_survives_tensorflow():
 def test_xrootd_after_tensorflow_is_refused_with_a_message_not_a_crash():
     done = _python(
         "import tensorflow\n"
-        "from mlaas4hep.platform.rootio import DataError, load_xrootd_client\n"
+        "from mlaas4hep.data.errors import DataError\n"
+        "from mlaas4hep.data.rootio import load_xrootd_client\n"
         "try:\n    load_xrootd_client()\nexcept DataError as error:\n    print(error)\n"
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "before TensorFlow" in done.stdout
 
 
-@pytest.mark.parametrize("module", ["mlaas4hep.train.trainer", "mlaas4hep.cli"])
+@pytest.mark.parametrize("module", ["mlaas4hep.train.trainer", "mlaas4hep.cli.main"])
 def test_platform_modules_import_in_a_process_that_loaded_tensorflow(module):
     # Ray Train's workers load TensorFlow before they unpickle the platform's code.
     done = _python(f"import tensorflow, {module}; print('ok')")

@@ -1,1 +1,4 @@
-"""Platform core: spec, ROOT reading, specs and flattening, storage, auth, jobs, cluster."""
+"""Operations.
+
+The local Ray cluster (head, workers), Kubernetes manifest validation, a loopback XRootD server.
+"""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -23,45 +22,15 @@ from pathlib import Path
 
 import psutil
 
-from mlaas4hep.platform.settings import Settings
+from mlaas4hep.auth.ray_token import ensure_ray_token
+from mlaas4hep.settings import Settings
 
-RAY_TOKEN_ENV = "RAY_AUTH_TOKEN"
-RAY_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 #: Tries of each ``ray start`` (see ``_ray_start``).
 START_ATTEMPTS = 2
 
 
 class ClusterError(RuntimeError):
     """The local head could not be started, reached or stopped."""
-
-
-def ray_token_path() -> Path:
-    """Where Ray reads its cluster token: ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``."""
-    return Path(os.environ.get(RAY_TOKEN_PATH_ENV) or Path.home() / ".ray" / "auth_token")
-
-
-def ensure_ray_token() -> None:
-    """Create Ray's cluster token (mode 0600) unless one is already configured."""
-    if os.environ.get(RAY_TOKEN_ENV):
-        return
-    path = ray_token_path()
-    if path.is_file() and path.read_text().strip():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as stream:
-        stream.write(secrets.token_hex(32))
-
-
-def ray_token() -> str:
-    """The cluster token, for clients of Ray's dashboard and Jobs API."""
-    token = os.environ.get(RAY_TOKEN_ENV)
-    if token:
-        return token.strip()
-    path = ray_token_path()
-    if not path.is_file():
-        raise ClusterError(f"no Ray token: {path} does not exist (is the platform up?)")
-    return path.read_text().strip()
 
 
 def ray_env() -> dict[str, str]:
@@ -168,7 +137,7 @@ def free_port() -> int:
 
 def loopback_settings(home: Path, num_cpus: int, **overrides) -> Settings:
     """Settings of a private platform under ``home``, on free loopback ports."""
-    from mlaas4hep.platform.settings import load_settings
+    from mlaas4hep.settings import load_settings
 
     return load_settings(
         home=str(home),

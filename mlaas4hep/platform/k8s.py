@@ -1,7 +1,7 @@
 """The Kubernetes deployment's manifests: the Serve config they embed, and their validation.
 
 ``k8s/`` holds a kustomize base and overlays. The RayService's ``serveConfigV2`` is written
-from :func:`mlaas4hep.serve.apps.serve_config` (``mlaas4hep serve-config --kubernetes
+from :func:`mlaas4hep.serve.apps.deploy.serve_config` (``mlaas4hep serve-config --kubernetes
 --manifest k8s/base/rayservice.yaml``), so the cluster runs the applications the embedded
 default runs. :func:`validate_tree` builds every overlay with ``kubectl kustomize`` and checks
 each object against the KubeRay CRD schemas and the core Kubernetes schemas::
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from mlaas4hep.platform.settings import Settings
+from mlaas4hep.settings import Settings
 
 #: Kubernetes version whose core schemas the manifests must satisfy.
 KUBERNETES_VERSION = "1.32"
@@ -39,8 +39,8 @@ class ManifestError(ValueError):
 
 
 def serve_config_yaml(settings: Settings, kubernetes: bool = False) -> str:
-    """The Serve config of :func:`~mlaas4hep.serve.apps.serve_config` as YAML text."""
-    from mlaas4hep.serve.apps import serve_config
+    """The Serve config of :func:`~mlaas4hep.serve.apps.deploy.serve_config` as YAML text."""
+    from mlaas4hep.serve.apps.deploy import serve_config
 
     config = serve_config(settings, kubernetes=kubernetes)
     return yaml.dump(config, Dumper=_PlainDumper, sort_keys=False)

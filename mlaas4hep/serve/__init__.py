@@ -1,1 +1,4 @@
-"""Ray Serve applications: the pipeline API, the TFaaS/KServe inference service, the issuer."""
+"""Inference and the HTTP services on Ray Serve.
+
+Model runtime, data plane, wire protocols, the Serve apps.
+"""

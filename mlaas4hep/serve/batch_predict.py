@@ -1,6 +1,6 @@
 """Batch inference over ROOT files: score whole datasets with a model bundle.
 
-The events are read with the data layer (:func:`~mlaas4hep.platform.datasource.read_events`,
+The events are read with the data layer (:func:`~mlaas4hep.data.datasource.read_events`,
 one read task per file cluster range), then scored by a pool of Ray Data actors
 (:class:`BundleScorer`) that each load the bundle once and flatten every block with the
 bundle's ``specs.json`` exactly as the training data was. The output is Parquet with the
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from mlaas4hep.platform.config import PipelineSpec
-from mlaas4hep.platform.rootio import FILE_INDEX_COLUMN
-from mlaas4hep.platform.specs import FeatureSpecs
-from mlaas4hep.platform.storage import Storage
-from mlaas4hep.serve.bundle import BundleError, check_bundle_dir, check_bundle_model, read_tree
+from mlaas4hep.bundle import BundleError, check_bundle_dir, check_bundle_model, read_tree
+from mlaas4hep.data.features import FeatureSpecs
+from mlaas4hep.data.rootio import FILE_INDEX_COLUMN
+from mlaas4hep.spec import PipelineSpec
+from mlaas4hep.store.storage import Storage
 
 FILE_COLUMN = "file"
 
@@ -74,12 +74,12 @@ def find_bundle(model: str, storage: Storage | None = None) -> BundleSource:
         params = check_bundle_dir(folder)
         check_bundle_model(folder, params)
         return BundleSource(read_tree(folder), params["name"], 0)
-    from mlaas4hep.platform.registry import ModelRegistry
-    from mlaas4hep.serve.tfaas import TFaaSService
+    from mlaas4hep.serve.dataplane import DataPlane
+    from mlaas4hep.store.registry import ModelRegistry
 
     if storage is None:
         raise BundleError(f"model {model!r} is not a bundle folder and no storage is given")
-    name, version = TFaaSService.parse_ref(model)
+    name, version = DataPlane.parse_ref(model)
     registry = ModelRegistry(storage)
     entry = registry.get(name, version)
     with storage.local_copy("models", name, str(entry.version)) as path:
@@ -102,7 +102,7 @@ class BundleScorer:
     def __init__(
         self, source: BundleSource, files: Sequence[str], identifiers: Sequence[str]
     ) -> None:
-        from mlaas4hep.serve.bundle import load_bundle, write_tree
+        from mlaas4hep.bundle import load_bundle, write_tree
 
         # Loaded into memory, then the files go: Ray ends actors without running finalizers.
         with tempfile.TemporaryDirectory(prefix="mlaas4hep-score-") as tmp:
@@ -114,7 +114,7 @@ class BundleScorer:
         self.columns = score_columns(self.model.labels, self.model.n_outputs)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        from mlaas4hep.platform.flatten import flatten_columns, to_model_input
+        from mlaas4hep.data.flatten import flatten_columns, to_model_input
 
         columns = {name: batch.column(name) for name in batch.column_names}
         features, _ = flatten_columns(columns, self.specs, math.nan)
@@ -164,7 +164,7 @@ def predict_files(
     """
     import pyarrow.parquet as pq
 
-    from mlaas4hep.platform.datasource import read_events
+    from mlaas4hep.data.datasource import read_events
 
     if not files:
         raise ValueError("predict_files needs at least one ROOT file")

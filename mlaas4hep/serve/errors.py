@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mlaas4hep.platform.storage import LockTimeout, StorageFull
+from mlaas4hep.store.storage import LockTimeout, StorageFull
 
 logger = logging.getLogger(__name__)
 

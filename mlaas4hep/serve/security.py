@@ -1,4 +1,4 @@
-"""FastAPI glue for bearer-token authentication (:mod:`mlaas4hep.platform.auth`).
+"""FastAPI glue for bearer-token authentication (:mod:`mlaas4hep.auth.oidc`).
 
 Usage::
 
@@ -21,7 +21,7 @@ from typing import Annotated
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from mlaas4hep.platform.auth import ACTIONS, AuthError, Principal, TokenValidator
+from mlaas4hep.auth.oidc import ACTIONS, AuthError, Principal, TokenValidator
 from mlaas4hep.serve.errors import ApiError
 
 REALM = "mlaas4hep"

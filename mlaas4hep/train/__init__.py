@@ -1,1 +1,1 @@
-"""Distributed TensorFlow training on Ray Train."""
+"""Training on Ray Train: user model files in a sandbox, the TensorFlow trainer, tuning, metrics."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from mlaas4hep.platform.config import MLPSpec, ModelSpec
+from mlaas4hep.spec import MLPSpec, ModelSpec
 from mlaas4hep.train.model_file import read_model_source
 from mlaas4hep.train.sandbox import build_model_archive, load_model_archive
 
@@ -78,7 +78,7 @@ def build_model(
     A model file's model is loaded in safe mode from ``archive`` (what
     :func:`model_archive` returned: Train workers and Tune trials get these bytes, never
     the source), or built in the sandbox first when no archive is given. Raises
-    :class:`~mlaas4hep.platform.safe_models.UnsafeModelError` naming a refused layer.
+    :class:`~mlaas4hep.modelfiles.safety.UnsafeModelError` naming a refused layer.
     """
     if model_spec.file:
         if archive is None:

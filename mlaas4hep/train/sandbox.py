@@ -11,7 +11,7 @@ tf_keras ``.keras`` archive (config, weights, compile config) comes back on stdo
 a time limit and a size limit (settings ``sandbox_timeout_s``, ``sandbox_max_output_bytes``).
 
 :func:`load_model_archive` is the trusted side: it checks and loads that archive in safe
-mode with :func:`mlaas4hep.platform.safe_models.load_keras_model` (custom layers and
+mode with :func:`mlaas4hep.modelfiles.safety.load_keras_model` (custom layers and
 Lambda refused, naming the layer). No trusted process imports or executes user code.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from mlaas4hep.platform.settings import Settings, load_settings
+from mlaas4hep.settings import Settings, load_settings
 from mlaas4hep.train.model_file import MODEL_FUNCTION, ModelFileError, parse_model_source
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def _local_storage_root(storage: str) -> Path | None:
 
 def secret_paths(settings: Settings) -> list[Path]:
     """Paths the sandbox must never show: platform home, issuer keys, Ray token, storage."""
-    from mlaas4hep.platform.cluster import ray_token_path
+    from mlaas4hep.auth.ray_token import ray_token_path
 
     paths = [Path(settings.home), settings.issuer_key_dir, ray_token_path(), Path.home() / ".ray"]
     storage = _local_storage_root(settings.storage)
@@ -256,7 +256,7 @@ def _forward_stderr(path: str, text: str) -> None:
     text = "\n".join(line for line in TF_NOISE.sub("", text).splitlines() if line.strip())
     if not text:
         return
-    from mlaas4hep.platform.redact import Redactor
+    from mlaas4hep.auth.redact import Redactor
 
     redacted = Redactor.from_environment().redact(text)
     sys.stderr.write(f"--- output of {path} in the model sandbox ---\n{redacted}\n---\n")
@@ -344,11 +344,11 @@ def load_model_archive(
     """Check and load a model archive of :func:`build_model_archive` in safe mode.
 
     ``path`` (the model file) names the model in messages. Returns the compiled model;
-    raises :class:`~mlaas4hep.platform.safe_models.UnsafeModelError` naming ``path`` and
+    raises :class:`~mlaas4hep.modelfiles.safety.UnsafeModelError` naming ``path`` and
     the refused layer (custom layers, ``Lambda``) unless setting ``allowed_model_layers``
     lists it.
     """
-    from mlaas4hep.platform.safe_models import UnsafeModelError, load_keras_model
+    from mlaas4hep.modelfiles.safety import UnsafeModelError, load_keras_model
 
     settings = settings or load_settings()
     with tempfile.TemporaryDirectory(prefix="mlaas4hep-archive-") as folder:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mlaas4hep.platform.config import (
+from mlaas4hep.spec import (
     DEFAULT_CPUS_PER_WORKER,
     DEFAULT_WORKERS,
     ModelSpec,
@@ -152,7 +152,7 @@ def split_dataset(ds: ray.data.Dataset, training: TrainingSpec) -> dict[str, ray
 def to_model_input(features: np.ndarray) -> np.ndarray:
     """Model input of a ``features`` batch: float32 with padded (NaN) slots set to 0."""
     try:
-        from mlaas4hep.platform.flatten import to_model_input as flatten_input
+        from mlaas4hep.data.flatten import to_model_input as flatten_input
     except ImportError:
         return np.nan_to_num(np.asarray(features, dtype=np.float32), nan=0.0)
     return flatten_input(features)
@@ -876,7 +876,7 @@ def train_model(
 
     Raises :class:`ResourceError` when the cluster can never place the workers,
     :class:`~mlaas4hep.train.models.ModelFileError` for a broken model file,
-    :class:`~mlaas4hep.platform.safe_models.UnsafeModelError` for a model file whose model
+    :class:`~mlaas4hep.modelfiles.safety.UnsafeModelError` for a model file whose model
     has a refused layer (all before any worker starts; a model file runs only in the
     sandbox, :mod:`mlaas4hep.train.sandbox`) and :class:`TrainingError` when the run fails.
     """
@@ -965,8 +965,8 @@ def train_model(
 
 def load_checkpoint_model(path: Path) -> Any:
     """The model of a checkpoint's ``model.keras``, checked and loaded in safe mode."""
-    from mlaas4hep.platform.safe_models import load_keras_model
-    from mlaas4hep.platform.settings import load_settings
+    from mlaas4hep.modelfiles.safety import load_keras_model
+    from mlaas4hep.settings import load_settings
 
     return load_keras_model(path, compile=False, allowed=load_settings().allowed_model_layers)
 

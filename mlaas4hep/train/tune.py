@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from mlaas4hep.platform.config import MLPSpec, PipelineSpec, SpecError, TuneSpec
+from mlaas4hep.spec import MLPSpec, PipelineSpec, SpecError, TuneSpec
 
 if TYPE_CHECKING:
     import ray.data
@@ -106,7 +106,7 @@ def _trial(config: dict[str, Any], spec_json: str, datasets, n_features, storage
     import ray.train
     from ray import tune
 
-    from mlaas4hep.platform.config import parse_spec
+    from mlaas4hep.spec import parse_spec
     from mlaas4hep.train.trainer import remove_model_dir, train_model
 
     spec = parse_spec(json.loads(spec_json))

@@ -1,0 +1,1 @@
+"""The ``mlaas4hep`` command: subcommands, the HTTP client, the demo."""

@@ -1,0 +1,4 @@
+"""Models loaded for inference.
+
+The per-replica cache, the model deployment, request micro-batching.
+"""

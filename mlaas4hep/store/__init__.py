@@ -1,0 +1,4 @@
+"""Where the platform keeps state.
+
+Storage back-ends, run records, the model registry, user files and quotas.
+"""
