@@ -45,6 +45,18 @@ STOP_TIMEOUT = 3.0
 #: data host on the session platform's allow-list.
 SESSION_XROOTD_PORT = free_port()
 
+#: The shared fixtures, each defined once for the whole suite (a session fixture imported
+#: into several modules would start once per module): the inference app and its models,
+#: the model-format bundles, the OIDC provider, in-process APIs, issuers, the xrootd.
+pytest_plugins = [
+    "serve_fixtures",
+    "model_format_fixtures",
+    "oidc_fixtures",
+    "api_fixtures",
+    "auth_fixtures",
+    "xrootd_fixtures",
+]
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

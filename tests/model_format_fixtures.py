@@ -1,7 +1,7 @@
 """One small Dense model saved the five ways TensorFlow users bring models, as bundles.
 
-Test modules load the fixture with ``pytest_plugins = ["model_format_fixtures"]`` and
-import the helpers directly (PYTEST_DONT_REWRITE: no asserts here).
+``tests/conftest.py`` registers the fixture for the whole suite; test modules import the
+helpers directly (PYTEST_DONT_REWRITE: no asserts here).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Fixtures of the inference service tests: tiny real Keras bundles, the deployed
 TFaaS application, and tokens of the built-in issuer.
 
-Test modules load the fixtures with ``pytest_plugins = ["serve_fixtures"]`` (one
-session-wide instance of each) and import the helpers directly; the helpers hold no
+``tests/conftest.py`` registers the fixtures for the whole suite (one session-wide
+instance of each); test modules import the helpers directly; the helpers hold no
 asserts, so the module is not assert-rewritten (PYTEST_DONT_REWRITE).
 """
 

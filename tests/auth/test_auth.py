@@ -14,7 +14,6 @@ from auth_fixtures import (
     IssuerServer,
     b64url,
     forge,
-    issuer_server,
     make_validator,
     refusal,
     token_parts,
@@ -29,8 +28,6 @@ from mlaas4hep.auth.issuer import LocalIssuer
 from mlaas4hep.auth.oidc import AuthConfig, AuthError, Principal, TokenValidator, owner_id
 from mlaas4hep.serve.errors import install_error_handlers
 from mlaas4hep.serve.security import principal_dependency
-
-__all__ = ["issuer_server"]  # the fixture, imported for pytest
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from oidc_fixtures import OIDCProvider, api_settings, oidc_provider, serve_apis
+from oidc_fixtures import OIDCProvider, api_settings, serve_apis
 from serve_fixtures import tarball, wait_for
-from xrootd_fixtures import XRootDServer, session_xrootd
+from xrootd_fixtures import XRootDServer
 
 from mlaas4hep.data.access import DataAccessError, DataAccessPolicy
 from mlaas4hep.data.errors import DataError
 from mlaas4hep.data.preproc import Expression
 from mlaas4hep.store.storage import Storage
-
-__all__ = ["oidc_provider", "session_xrootd"]
 
 HZZ = "uproot-HZZ.root"
 RULE = "is not data you may read"

@@ -21,11 +21,9 @@ import httpx
 import pytest
 from auth_fixtures import token_parts
 from mlaas4hep_examples import mlaas4hep_example
-from oidc_fixtures import OIDCProvider, api_settings, oidc_provider, serve_apis
+from oidc_fixtures import OIDCProvider, api_settings, serve_apis
 
 from mlaas4hep.cli.quickstart import DEMO_MODEL
-
-__all__ = ["oidc_provider"]
 
 pytestmark = pytest.mark.e2e
 

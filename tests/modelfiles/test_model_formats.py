@@ -31,8 +31,6 @@ from serve_fixtures import tarball
 from mlaas4hep.bundle import BundleError, load_bundle
 from mlaas4hep.modelfiles.safety import UnsafeModelError, check_model_file, model_format
 
-pytest_plugins = ["serve_fixtures", "model_format_fixtures"]
-
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
 
 

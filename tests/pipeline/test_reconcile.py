@@ -12,14 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from oidc_fixtures import OIDCProvider, api_settings, oidc_provider, serve_apis
+from oidc_fixtures import OIDCProvider, api_settings, serve_apis
 
 from mlaas4hep.pipeline.jobs import JobsUnavailable, PipelineJobs
 from mlaas4hep.pipeline.reconcile import MAX_RESUBMITS, Reconciler, RunSettler
 from mlaas4hep.store.runs import RunState, RunStore, new_run_id
 from mlaas4hep.store.storage import Storage
-
-__all__ = ["oidc_provider"]
 
 pytestmark = pytest.mark.ray
 

@@ -17,7 +17,6 @@ from mlaas4hep.data.features import FeatureSpecs
 from mlaas4hep.data.flatten import flatten_columns, to_model_input
 
 pytestmark = pytest.mark.ray
-pytest_plugins = ["serve_fixtures"]  # the tfaas and higgs fixtures (tokens, a model without specs)
 
 DEMO_SPECS = {
     "fkeys": ["MET_pt", "HT"],

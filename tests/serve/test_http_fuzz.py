@@ -18,7 +18,7 @@ import urllib.parse
 from typing import Any
 
 import pytest
-from api_fixtures import LocalApis, local_apis
+from api_fixtures import LocalApis
 from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,8 +26,6 @@ from state_workers import write_test_bundle
 
 from mlaas4hep.store.registry import ModelRegistry
 from mlaas4hep.store.runs import RunState, RunStore, new_run_id
-
-__all__ = ["local_apis"]
 
 USER = "fuzzer"
 #: 5xx answers a route may give without a fault: no cluster or model server behind it

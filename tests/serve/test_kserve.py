@@ -11,7 +11,6 @@ import pytest
 from serve_fixtures import local_predict
 
 pytestmark = pytest.mark.ray
-pytest_plugins = ["serve_fixtures"]  # the tfaas, higgs and multi fixtures
 
 X = np.random.default_rng(42).normal(size=(6, 4)).astype(np.float32)
 

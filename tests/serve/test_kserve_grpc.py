@@ -13,7 +13,6 @@ import pytest
 from serve_fixtures import local_predict
 
 pytestmark = pytest.mark.ray
-pytest_plugins = ["serve_fixtures"]  # the tfaas, higgs and multi fixtures
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402

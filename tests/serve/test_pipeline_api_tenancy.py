@@ -10,14 +10,12 @@ import tarfile
 
 import httpx
 import pytest
-from oidc_fixtures import OIDCProvider, api_settings, oidc_provider, serve_apis
+from oidc_fixtures import OIDCProvider, api_settings, serve_apis
 from serve_fixtures import tarball
 
 from mlaas4hep.store.registry import ModelRegistry
 from mlaas4hep.store.runs import RunState, RunStore, new_run_id
 from mlaas4hep.store.storage import Storage
-
-__all__ = ["oidc_provider"]
 
 QUOTA = 4000
 FILE_LIMIT = 3000

@@ -13,7 +13,6 @@ from safe_model_fixtures import custom_layer_model_file, lambda_model_file
 from serve_fixtures import N_FEATURES, bundle_tarball
 
 pytestmark = pytest.mark.ray
-pytest_plugins = ["serve_fixtures"]  # the tfaas fixture
 
 #: Fewer rows than ``direct_max_rows`` (predicted in the ingress) and more (model replicas).
 FEW_ROWS = np.zeros((2, N_FEATURES), dtype=np.float32).tolist()

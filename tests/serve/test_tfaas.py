@@ -21,7 +21,6 @@ from serve_fixtures import (
 from mlaas4hep.serve.protocols import tfaas_pb2
 
 pytestmark = pytest.mark.ray
-pytest_plugins = ["serve_fixtures"]  # the tfaas, higgs and multi fixtures
 
 ROWS = np.array(
     [[0.5, -1.0, 2.0, 91.2], [1.5, 0.3, -0.7, 125.0], [0.0, 0.0, 0.0, 0.0]], dtype=np.float32

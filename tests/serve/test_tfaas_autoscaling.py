@@ -9,7 +9,6 @@ import pytest
 from serve_fixtures import ROUTE_PREFIX, make_bundle, wait_for
 
 pytestmark = pytest.mark.ray
-pytest_plugins = ["serve_fixtures"]  # the tfaas fixture (issuer and tokens)
 
 APP = "tfaas-autoscale"
 PREFIX = "/tfaas-autoscale"

@@ -13,7 +13,6 @@ from serve_fixtures import bundle_tarball, local_predict, make_bundle, make_imag
 from mlaas4hep.serve.protocols import tfaas_pb2
 
 pytestmark = pytest.mark.ray
-pytest_plugins = ["serve_fixtures"]  # the tfaas fixture
 
 #: the keys TFaaS's /models answer gives for every model
 TFAAS_MODEL_KEYS = set(

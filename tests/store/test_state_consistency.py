@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_fixtures import LocalApis, local_apis
+from api_fixtures import LocalApis
 from state_workers import (
     metric_updates,
     progress_updates,
@@ -31,8 +31,6 @@ from state_workers import (
 from mlaas4hep.store.registry import ModelNameTaken, ModelRegistry
 from mlaas4hep.store.runs import RunState, RunStateConflict, RunStore, new_run_id
 from mlaas4hep.store.storage import LockTimeout, Storage, StorageFull
-
-__all__ = ["local_apis"]
 
 SPAWN = multiprocessing.get_context("spawn")
 #: Bytes a file of the test process may grow to while the disk is "full".
