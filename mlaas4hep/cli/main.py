@@ -278,9 +278,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or os.environ.get("MLAAS4HEP_RUN_ID") or new_run_id()
     storage = Storage(settings.storage)
     spec = _confined_if_submitted(spec, settings, storage, run_id)
-    ray.init(address=_cluster_address(settings), log_to_driver=True)
+    address = _cluster_address(settings)
+    if address is None:  # a local Ray started here uses token authentication too
+        from mlaas4hep.auth.ray_token import ensure_ray_token
+
+        ensure_ray_token()
+    ray.init(address=address, log_to_driver=True)
     try:
         record = run_pipeline(spec, run_id, owner, storage)
+    except Exception as error:  # logged, and recorded as the run's message
+        print(f"error: run {run_id} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     finally:
         ray.shutdown()
     print(json.dumps(record, indent=2))

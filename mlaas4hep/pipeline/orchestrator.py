@@ -82,11 +82,22 @@ def run_pipeline(spec: PipelineSpec, run_id: str, owner: str, storage: Storage) 
             logger.info("pipeline cancelled")  # the job was stopped: keep CANCELLED
             raise
         message = redactor.redact(f"{type(error).__name__}: {error}")
-        logger.error("pipeline failed: %s\n%s", message, traceback.format_exc())
+        where = "" if _says_why(error) else "\n" + redactor.redact(traceback.format_exc())
+        logger.error("pipeline failed: %s%s", message, where)
         runs.update(run_id, state=RunState.FAILED, message=message, finished=now_iso())
         raise
     finally:
         logger.removeHandler(handler)
+
+
+def _says_why(error: BaseException) -> bool:
+    """True for the failures whose message says all (bad input, resources, a failed
+    training or model file): logged without the driver's traceback, which adds nothing."""
+    from mlaas4hep.train.sandbox import SandboxError
+    from mlaas4hep.train.trainer import ResourceError, TrainingError
+
+    known = ValueError | LookupError | ResourceError | TrainingError | SandboxError
+    return isinstance(error, known)
 
 
 def _run_stages(
