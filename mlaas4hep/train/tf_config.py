@@ -57,9 +57,7 @@ class _MultiWorkerBackend(Backend):
         urls = worker_group.execute(_worker_address)
         ray.get(
             [
-                worker_group.execute_single_async(
-                    i, _set_tf_config, worker_addresses=urls, index=i
-                )
+                worker_group.execute_single_async(i, _set_tf_config, worker_addresses=urls, index=i)
                 for i in range(len(worker_group))
             ]
         )
