@@ -14,13 +14,13 @@ from pathlib import Path
 MODEL_FUNCTION = "model"
 
 
-class ModelFileError(ValueError):
+class ModelSourceError(ValueError):
     """A model file that cannot give a model; the message names the file and the line."""
 
 
-def _syntax_error(path: str, error: SyntaxError) -> ModelFileError:
+def _syntax_error(path: str, error: SyntaxError) -> ModelSourceError:
     where = f"{path}, line {error.lineno}" if error.lineno else path
-    return ModelFileError(f"{where}: syntax error: {error.msg}")
+    return ModelSourceError(f"{where}: syntax error: {error.msg}")
 
 
 def _parse(source: str, path: str) -> ast.Module:
@@ -30,7 +30,7 @@ def _parse(source: str, path: str) -> ast.Module:
     except SyntaxError as error:
         raise _syntax_error(path, error) from None
     except ValueError as error:  # null bytes
-        raise ModelFileError(f"{path}: not a Python source file: {error}") from None
+        raise ModelSourceError(f"{path}: not a Python source file: {error}") from None
     return tree
 
 
@@ -40,12 +40,12 @@ def _check_model_function(tree: ast.Module, path: str) -> None:
             args = node.args
             positional = len(args.posonlyargs) + len(args.args)
             if positional == 0 and args.vararg is None:
-                raise ModelFileError(
+                raise ModelSourceError(
                     f"{path}, line {node.lineno}: {MODEL_FUNCTION}() must take the input "
                     f"dimension: def {MODEL_FUNCTION}(idim)"
                 )
             return
-    raise ModelFileError(
+    raise ModelSourceError(
         f"{path}: no top-level function {MODEL_FUNCTION}(idim) returning a compiled Keras model"
     )
 
@@ -53,7 +53,7 @@ def _check_model_function(tree: ast.Module, path: str) -> None:
 def parse_model_source(source: str, path: str) -> ast.Module:
     """Parse model-file ``source`` (reported as ``path``) without running it.
 
-    Returns its syntax tree; :class:`ModelFileError` naming the file (and line) when it
+    Returns its syntax tree; :class:`ModelSourceError` naming the file (and line) when it
     does not parse or defines no top-level ``model(idim)``.
     """
     tree = _parse(source, path)
@@ -64,17 +64,17 @@ def parse_model_source(source: str, path: str) -> ast.Module:
 def check_model_file(path: str | Path) -> None:
     """Check a model file without running it: it parses and defines ``model(idim)``.
 
-    Raises :class:`ModelFileError` naming the file (and line) otherwise.
+    Raises :class:`ModelSourceError` naming the file (and line) otherwise.
     """
     path = str(path)
     parse_model_source(read_model_source(path), path)
 
 
 def read_model_source(path: str | Path) -> str:
-    """Return the text of a model file; :class:`ModelFileError` if it cannot be read."""
+    """Return the text of a model file; :class:`ModelSourceError` if it cannot be read."""
     try:
         return Path(path).read_text()
     except FileNotFoundError:
-        raise ModelFileError(f"{path}: model file not found") from None
+        raise ModelSourceError(f"{path}: model file not found") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{path}: cannot read model file: {error}") from None
+        raise ModelSourceError(f"{path}: cannot read model file: {error}") from None

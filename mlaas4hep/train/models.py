@@ -60,7 +60,7 @@ def model_archive(
 
     ``source`` is the file's text when it was read elsewhere; ``seed`` seeds the random
     state its initial weights are drawn from. Returns the model's ``.keras`` archive
-    bytes; :class:`~mlaas4hep.train.model_file.ModelFileError` naming the file and line
+    bytes; :class:`~mlaas4hep.train.model_file.ModelSourceError` naming the file and line
     when the file gives no compiled model.
     """
     if not model_spec.file:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from mlaas4hep.settings import Settings, load_settings
-from mlaas4hep.train.model_file import MODEL_FUNCTION, ModelFileError, parse_model_source
+from mlaas4hep.train.model_file import MODEL_FUNCTION, ModelSourceError, parse_model_source
 
 if TYPE_CHECKING:
     import tf_keras
@@ -266,14 +266,14 @@ def _archive_of(path: str, idim: int, code: int | None, output: _Output, setting
     """The archive bytes in ``output``, or the error the sandbox run ends with."""
     stderr = output.stderr_text()
     call = f"{MODEL_FUNCTION}({idim})"
-    too_large = ModelFileError(
+    too_large = ModelSourceError(
         f"{path}: the model of {call} is larger than the sandbox's limit of "
         f"{settings.sandbox_max_output_bytes} bytes (setting sandbox_max_output_bytes)"
     )
     if output.too_large:
         raise too_large
     if code is None:
-        raise ModelFileError(
+        raise ModelSourceError(
             f"{path}: {call} did not finish within {settings.sandbox_timeout_s:g} s "
             "(setting sandbox_timeout_s)"
         )
@@ -290,15 +290,15 @@ def _archive_of(path: str, idim: int, code: int | None, output: _Output, setting
                 "in a container, a seccomp profile that allows them)"
             )
         last = stderr.splitlines()[-1] if stderr else "no output"
-        raise ModelFileError(
+        raise ModelSourceError(
             f"{path}: the model sandbox ended (exit status {code}) without a model: {last}"
         )
     if not answer.get("ok"):
-        raise ModelFileError(str(answer.get("error") or f"{path}: {call} gave no model"))
+        raise ModelSourceError(str(answer.get("error") or f"{path}: {call} gave no model"))
     if len(payload) > settings.sandbox_max_output_bytes:
         raise too_large
     if len(payload) != answer.get("size"):
-        raise ModelFileError(f"{path}: the model sandbox sent a truncated archive")
+        raise ModelSourceError(f"{path}: the model sandbox sent a truncated archive")
     return payload
 
 
@@ -322,7 +322,7 @@ def build_model_archive(
 
     ``path`` names the file in messages; ``seed`` seeds the random state the model's
     initial weights are drawn from (the training's seed). Returns the bytes of a tf_keras ``.keras``
-    archive of the compiled model. Raises :class:`ModelFileError` (file and line) for a
+    archive of the compiled model. Raises :class:`ModelSourceError` (file and line) for a
     broken model file, a time-out or an oversized model, :class:`SandboxError` when the
     sandbox cannot run.
     """

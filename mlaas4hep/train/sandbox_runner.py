@@ -31,7 +31,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from mlaas4hep.train.model_file import MODEL_FUNCTION, ModelFileError, parse_model_source
+from mlaas4hep.train.model_file import MODEL_FUNCTION, ModelSourceError, parse_model_source
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
@@ -48,11 +48,11 @@ def _line_in(error: BaseException, path: str) -> int | None:
     return line
 
 
-def _user_error(error: BaseException, path: str, doing: str) -> ModelFileError:
-    """A ModelFileError for ``error`` raised while ``doing``, naming its line in ``path``."""
+def _user_error(error: BaseException, path: str, doing: str) -> ModelSourceError:
+    """A ModelSourceError for ``error`` raised while ``doing``, naming its line in ``path``."""
     line = _line_in(error, path)
     where = f"{path}, line {line}" if line else path
-    return ModelFileError(f"{where}: {doing} raised {type(error).__name__}: {error}")
+    return ModelSourceError(f"{where}: {doing} raised {type(error).__name__}: {error}")
 
 
 def load_model_function(source: str, path: str) -> types.FunctionType:
@@ -69,12 +69,12 @@ def load_model_function(source: str, path: str) -> types.FunctionType:
         raise _user_error(error, path, "importing the model file") from error
     function = module.__dict__.get(MODEL_FUNCTION)
     if not callable(function):
-        raise ModelFileError(f"{path}: '{MODEL_FUNCTION}' is not a function")
+        raise ModelSourceError(f"{path}: '{MODEL_FUNCTION}' is not a function")
     return function
 
 
 def _check_compiled(model: Any, where: str, idim: int) -> None:
-    """ModelFileError unless ``model`` is a compiled tf_keras Model."""
+    """ModelSourceError unless ``model`` is a compiled tf_keras Model."""
     # tf_keras is only loaded when the user's code loaded it: anything else cannot be one
     # of its models, and the error is then reported without importing TensorFlow.
     tf_keras = sys.modules.get("tf_keras")
@@ -85,12 +85,12 @@ def _check_compiled(model: Any, where: str, idim: int) -> None:
             if kind.startswith("keras.")
             else ""
         )
-        raise ModelFileError(
+        raise ModelSourceError(
             f"{where}: {MODEL_FUNCTION}({idim}) returned {kind}{hint}, expected a compiled "
             "tf.keras Model"
         )
     if not getattr(model, "_is_compiled", False) or model.optimizer is None:
-        raise ModelFileError(
+        raise ModelSourceError(
             f"{where}: {MODEL_FUNCTION}({idim}) returned a model that is not compiled; "
             "call model.compile(loss=..., optimizer=...) before returning it"
         )
@@ -102,7 +102,7 @@ def build_archive(
     """Run ``model(idim, **kwargs)`` of ``source``; return the model as .keras archive bytes.
 
     With a ``seed``, random state is seeded first (``tf_keras.utils.set_random_seed``).
-    Raises :class:`ModelFileError` naming ``path`` and the line at fault.
+    Raises :class:`ModelSourceError` naming ``path`` and the line at fault.
     """
     if seed is not None:
         import tf_keras
@@ -149,7 +149,7 @@ def main() -> int:
             dict(request.get("kwargs") or {}),
             None if seed is None else int(seed),
         )
-    except ModelFileError as error:
+    except ModelSourceError as error:
         _answer(answer, {"ok": False, "error": str(error)})
     except BaseException as error:  # SystemExit, KeyboardInterrupt... from the user's code
         _answer(answer, {"ok": False, "error": str(_user_error(error, path, "building"))})

@@ -875,7 +875,7 @@ def train_model(
     model, the history and the test metrics.
 
     Raises :class:`ResourceError` when the cluster can never place the workers,
-    :class:`~mlaas4hep.train.models.ModelFileError` for a broken model file,
+    :class:`~mlaas4hep.train.model_file.ModelSourceError` for a broken model file,
     :class:`~mlaas4hep.modelfiles.safety.UnsafeModelError` for a model file whose model
     has a refused layer (all before any worker starts; a model file runs only in the
     sandbox, :mod:`mlaas4hep.train.sandbox`) and :class:`TrainingError` when the run fails.

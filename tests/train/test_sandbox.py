@@ -22,7 +22,7 @@ import pytest
 from mlaas4hep.auth.redact import MASK, Redactor
 from mlaas4hep.modelfiles.safety import UnsafeModelError
 from mlaas4hep.spec import ModelSpec, parse_spec
-from mlaas4hep.train.model_file import ModelFileError
+from mlaas4hep.train.model_file import ModelSourceError
 from mlaas4hep.train.models import build_model
 from mlaas4hep.train.sandbox import SandboxError, build_model_archive
 
@@ -209,7 +209,7 @@ def test_model_running_past_the_time_limit_is_stopped_naming_the_setting(
 ):
     path = write_model(tmp_path, "import time\n\ndef model(idim):\n    time.sleep(600)\n")
     settings = platform_settings.model_copy(update={"sandbox_timeout_s": 1.0})
-    with pytest.raises(ModelFileError, match=r"did not finish within 1 s .*sandbox_timeout_s"):
+    with pytest.raises(ModelSourceError, match=r"did not finish within 1 s .*sandbox_timeout_s"):
         build_model_archive(path.read_text(), str(path), 3, settings=settings)
 
 
@@ -228,7 +228,7 @@ def test_model_larger_than_the_output_limit_is_refused_naming_the_setting(
         """,
     )
     settings = platform_settings.model_copy(update={"sandbox_max_output_bytes": 1000})
-    with pytest.raises(ModelFileError, match=r"larger than .* 1000 bytes .*max_output_bytes"):
+    with pytest.raises(ModelSourceError, match=r"larger than .* 1000 bytes .*max_output_bytes"):
         build_model_archive(path.read_text(), str(path), 3, settings=settings)
 
 
@@ -268,7 +268,7 @@ def test_model_file_runs_in_a_child_with_a_clean_environment_in_both_modes(
     path = write_model(tmp_path, ENV_REPORT)
     settings = platform_settings.model_copy(update={"model_sandbox": mode})
     clean = r"line 5: model\(3\) raised RuntimeError: environment: clean$"
-    with pytest.raises(ModelFileError, match=clean):
+    with pytest.raises(ModelSourceError, match=clean):
         build_model_archive(path.read_text(), str(path), 3, settings=settings)
 
 

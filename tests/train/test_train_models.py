@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlaas4hep.spec import MLPSpec, ModelSpec
-from mlaas4hep.train.model_file import ModelFileError, check_model_file
+from mlaas4hep.train.model_file import ModelSourceError, check_model_file
 from mlaas4hep.train.models import build_model
 
 KERAS2_MODEL = """\
@@ -77,14 +77,14 @@ def test_syntax_error_names_file_and_line(tmp_path):
         lambda: check_model_file(path),
         lambda: build_model(ModelSpec(file=str(path)), 3),
     ):
-        with pytest.raises(ModelFileError, match=rf"{path}, line 3: syntax error"):
+        with pytest.raises(ModelSourceError, match=rf"{path}, line 3: syntax error"):
             check()
 
 
 def test_exception_on_import_names_file_and_line(tmp_path):
     path = write(tmp_path, "import math\nx = 1\nvalue = math.sqrt('a')\ndef model(idim):\n  pass\n")
     check_model_file(path)  # parses fine: the error only shows when the file runs
-    with pytest.raises(ModelFileError) as info:
+    with pytest.raises(ModelSourceError) as info:
         build_model(ModelSpec(file=str(path)), 3)
     message = str(info.value)
     assert f"{path}, line 3" in message
@@ -93,15 +93,15 @@ def test_exception_on_import_names_file_and_line(tmp_path):
 
 def test_missing_model_function_is_reported(tmp_path):
     path = write(tmp_path, "def build(idim):\n    return None\n")
-    with pytest.raises(ModelFileError, match=r"model\.py: no top-level function model\(idim\)"):
+    with pytest.raises(ModelSourceError, match=r"model\.py: no top-level function model\(idim\)"):
         check_model_file(path)
-    with pytest.raises(ModelFileError, match=r"no top-level function model\(idim\)"):
+    with pytest.raises(ModelSourceError, match=r"no top-level function model\(idim\)"):
         build_model(ModelSpec(file=str(path)), 3)
 
 
 def test_model_function_without_input_dimension_is_reported(tmp_path):
     path = write(tmp_path, "# a model\n\ndef model():\n    return None\n")
-    with pytest.raises(ModelFileError, match=rf"{path}, line 3: model\(\) must take the input"):
+    with pytest.raises(ModelSourceError, match=rf"{path}, line 3: model\(\) must take the input"):
         check_model_file(path)
 
 
@@ -115,13 +115,13 @@ def test_model_not_compiled_names_the_function_line(tmp_path):
             return keras.Sequential([keras.layers.Dense(1, input_shape=(idim,))])
         """,
     )
-    with pytest.raises(ModelFileError, match=rf"{path}, line 3: model\(4\) .* not compiled"):
+    with pytest.raises(ModelSourceError, match=rf"{path}, line 3: model\(4\) .* not compiled"):
         build_model(ModelSpec(file=str(path)), 4)
 
 
 def test_model_returning_something_else_is_reported(tmp_path):
     path = write(tmp_path, "def model(idim):\n    return [idim]\n")
-    with pytest.raises(ModelFileError, match=r"line 1: model\(4\) returned builtins.list"):
+    with pytest.raises(ModelSourceError, match=r"line 1: model\(4\) returned builtins.list"):
         build_model(ModelSpec(file=str(path)), 4)
 
 
@@ -136,7 +136,7 @@ def test_error_inside_model_function_names_its_line(tmp_path):
             return layer.no_such_method()
         """,
     )
-    with pytest.raises(ModelFileError) as info:
+    with pytest.raises(ModelSourceError) as info:
         build_model(ModelSpec(file=str(path)), 4)
     assert f"{path}, line 5: model(4) raised AttributeError" in str(info.value)
 
@@ -149,7 +149,7 @@ def test_check_model_file_does_not_run_user_code(tmp_path):
 
 
 def test_missing_model_file_is_reported(tmp_path):
-    with pytest.raises(ModelFileError, match=r"nope\.py: model file not found"):
+    with pytest.raises(ModelSourceError, match=r"nope\.py: model file not found"):
         check_model_file(tmp_path / "nope.py")
-    with pytest.raises(ModelFileError, match=r"nope\.py: model file not found"):
+    with pytest.raises(ModelSourceError, match=r"nope\.py: model file not found"):
         build_model(ModelSpec(file=str(tmp_path / "nope.py")), 2)

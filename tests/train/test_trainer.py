@@ -525,13 +525,14 @@ def test_auc_is_not_forced_on_a_two_class_softmax_model(tmp_path):
 
 @pytest.mark.ray
 def test_broken_model_file_fails_in_the_sandbox_before_any_worker_starts(ray_cluster, tmp_path):
-    from mlaas4hep.train.model_file import ModelFileError
+    from mlaas4hep.train.model_file import ModelSourceError
 
     path = tmp_path / "broken.py"
     path.write_text("from tensorflow import keras\n\ndef model(idim):\n    return keras.Nope()\n")
     spec = make_spec(2, str(path))
     storage = tmp_path / "storage"
-    with pytest.raises(ModelFileError, match=rf"{path}, line 4: model\(8\) raised AttributeError"):
+    expected = rf"{path}, line 4: model\(8\) raised AttributeError"
+    with pytest.raises(ModelSourceError, match=expected):
         train_model(spec, {"train": make_dataset(events(100))}, N_FEATURES, str(storage), "bad")
     assert not (storage / "bad").exists()  # Ray Train never started the run
 

@@ -134,7 +134,7 @@ def _check_submission(
     owner = principal.owner
     from mlaas4hep.data.errors import DataError
     from mlaas4hep.data.rootio import inspect_inputs
-    from mlaas4hep.train.model_file import ModelFileError, check_model_file
+    from mlaas4hep.train.model_file import ModelSourceError, check_model_file
 
     spec_data = dict(request.spec)
     if request.model_source is not None:
@@ -151,7 +151,7 @@ def _check_submission(
             path.write_text(request.model_source)
             try:
                 check_model_file(str(path))
-            except ModelFileError as error:
+            except ModelSourceError as error:
                 raise ApiError(422, str(error).replace(str(path), request.model_filename)) from None
     elif spec.model.file:
         raise ApiError(
