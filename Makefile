@@ -8,6 +8,10 @@ STAMP := $(VENV)/.installed
 .PHONY: setup run test lint format down docs clean k8s-validate grpc-protos
 
 OIDC_PROVIDER := tests/oidc/node_modules/.package-lock.json
+# The installer of the venv's packages (the pins of pyproject.toml): uv, about half of pip's
+# time. --compile-bytecode writes the .pyc files pip writes: without them every sandboxed
+# model.py (read-only venv, PYTHONDONTWRITEBYTECODE) and fresh interpreter compiles its imports.
+UV := uv==0.9.7
 
 setup: $(STAMP) $(OIDC_PROVIDER)
 
@@ -18,8 +22,8 @@ $(OIDC_PROVIDER): tests/oidc/package.json tests/oidc/package-lock.json
 $(STAMP): pyproject.toml scripts/install-system-packages.sh
 	bash scripts/install-system-packages.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet $(UV)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -e '.[test]'
 	touch $@
 
 ## run: start the embedded platform and run the demo pipeline over HTTP
