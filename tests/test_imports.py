@@ -38,14 +38,3 @@ def test_platform_modules_import_in_a_process_that_loaded_tensorflow(module):
     done = _python(f"import tensorflow, {module}; print('ok')")
     assert done.returncode == 0, done.stderr[-2000:]
 
-
-def test_the_train_backend_config_unpickles_without_tensorflow():
-    # Ray Train's controller unpickles it; TensorFlow would cost every run seconds there.
-    done = _python(
-        "import pickle, sys\n"
-        "from mlaas4hep.train.tf_config import MultiWorkerConfig\n"
-        "pickle.loads(pickle.dumps(MultiWorkerConfig()))\n"
-        "print('tensorflow' in sys.modules)\n"
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "False"

@@ -884,8 +884,6 @@ def train_model(
     from ray.train.tensorflow import TensorflowTrainer
     from ray.util.queue import Queue
 
-    from mlaas4hep.train.tf_config import MultiWorkerConfig
-
     if "train" not in datasets:
         raise ValueError(f"no 'train' dataset among {sorted(datasets)}")
     spec = fitted_to_cluster(spec)
@@ -917,7 +915,6 @@ def train_model(
     trainer = TensorflowTrainer(
         _train_loop_per_worker,
         train_loop_config=config,
-        tensorflow_config=MultiWorkerConfig(),
         scaling_config=scaling_config(spec.resources),
         run_config=RunConfig(
             name=run_id,
