@@ -37,4 +37,3 @@ def test_platform_modules_import_in_a_process_that_loaded_tensorflow(module):
     # Ray Train's workers load TensorFlow before they unpickle the platform's code.
     done = _python(f"import tensorflow, {module}; print('ok')")
     assert done.returncode == 0, done.stderr[-2000:]
-
