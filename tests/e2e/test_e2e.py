@@ -31,13 +31,19 @@ POLL = 0.5
 
 @pytest.fixture(scope="module")
 def platform(serve_url, platform_settings):
-    """Every Serve application of the platform, deployed on the session's head."""
+    """Every Serve application of the platform, deployed on the session's head; the ones
+    this module added are deleted after it (idle replicas take CPU from later tests)."""
+    from ray import serve
+
     from mlaas4hep.serve.apps.deploy import deploy
 
+    before = set(serve.status().applications)
     with pytest.MonkeyPatch.context() as patch:  # one ingress replica: the suite's CPUs are few
         patch.setenv("MLAAS4HEP_TFAAS_INGRESS_MIN_REPLICAS", "1")
         deploy(platform_settings)
-    return platform_settings
+    yield platform_settings
+    for name in set(serve.status().applications) - before:
+        serve.delete(name)
 
 
 @pytest.fixture(scope="module")
