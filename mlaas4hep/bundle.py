@@ -595,8 +595,8 @@ def write_bundle(
         _write_json(out / "specs.json", specs)
     (out / DEFAULT_LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
     auc = metrics.get("auc")
-    _write_json(
-        out / "params.json",
+    write_params(
+        out,
         {
             "name": name,
             "model": DEFAULT_MODEL_FILE,

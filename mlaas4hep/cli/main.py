@@ -278,12 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or os.environ.get("MLAAS4HEP_RUN_ID") or new_run_id()
     storage = Storage(settings.storage)
     spec = _confined_if_submitted(spec, settings, storage, run_id)
-    address = _cluster_address(settings)
-    if address is None:  # a local Ray started here uses token authentication too
-        from mlaas4hep.auth.ray_token import ensure_ray_token
-
-        ensure_ray_token()
-    ray.init(address=address, log_to_driver=True)
+    _ray_init(_cluster_address(settings), log_to_driver=True)
     try:
         record = run_pipeline(spec, run_id, owner, storage)
     except Exception as error:  # logged, and recorded as the run's message
@@ -367,6 +362,18 @@ def _ray_connected() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
+def _ray_init(address: str | None, **init_kwargs) -> None:
+    """``ray.init`` at ``address``, or of a local Ray when it is None (with the token file
+    created first: a local Ray started here uses token authentication too)."""
+    import ray
+
+    if not address:
+        from mlaas4hep.auth.ray_token import ensure_ray_token
+
+        ensure_ray_token()
+    ray.init(address=address, **init_kwargs)
+
+
 class _ray_session:
     """Connect to the local platform head if it runs (else start a light local Ray: no
     dashboard, one CPU per core); disconnect after.
@@ -382,7 +389,6 @@ class _ray_session:
     def __enter__(self) -> None:
         import logging
 
-        from mlaas4hep.auth.ray_token import ensure_ray_token
         from mlaas4hep.data.execution import usable_cores
         from mlaas4hep.platform.cluster import ray_env
 
@@ -398,12 +404,9 @@ class _ray_session:
         if ray.is_initialized():
             return
         address = _ray_address(self.args)
-        local: dict = {}
-        if not address:
-            ensure_ray_token()  # a local Ray started here uses token authentication too
-            # A command's Ray: the dashboard's processes would only take start-up time.
-            local = {"include_dashboard": False, "num_cpus": usable_cores()}
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR", **local)
+        # A command's own Ray: the dashboard's processes would only take start-up time.
+        local = {} if address else {"include_dashboard": False, "num_cpus": usable_cores()}
+        _ray_init(address, log_to_driver=False, logging_level="ERROR", **local)
         self.started = True
         import ray.data
 

@@ -51,8 +51,6 @@ from mlaas4hep.store.registry import (
 from mlaas4hep.store.storage import Storage
 
 ENV_PREFIX = "MLAAS4HEP_TFAAS_"
-#: Serve's setting of an ingress replica with ``ingress_on_replica_loop``.
-INGRESS_ON_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 _VERSION_REF = re.compile(r"^(?P<name>[^/@]+)(?:/versions/(?P<version>[^/]+))?$")
 
 

@@ -47,12 +47,15 @@ from mlaas4hep.bundle import (
     import_keras,
 )
 from mlaas4hep.serve.body_limit import install_body_limit
-from mlaas4hep.serve.dataplane import INGRESS_ON_LOOP_ENV, DataPlane, TFaaSOptions, api_error_of
+from mlaas4hep.serve.dataplane import DataPlane, TFaaSOptions, api_error_of
 from mlaas4hep.serve.errors import install_error_handlers
 from mlaas4hep.serve.protocols import kserve_grpc, kserve_v2
 from mlaas4hep.serve.protocols.tfaas import build_router
 from mlaas4hep.serve.runtime.model_server import ModelServer
 from mlaas4hep.settings import Settings, load_settings
+
+#: Serve's setting of an ingress replica with ``ingress_on_replica_loop``.
+INGRESS_ON_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 class RequestCounter:
